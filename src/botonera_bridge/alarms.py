@@ -1,0 +1,335 @@
+"""The board of open alarms and current semáforos, and when to escalate them.
+
+The router calls :meth:`AlarmBook.observe` for every event. An ``alarmas`` event,
+and a ``semaforos`` event turning ``ROJO`` or ``AZUL``, opens an alarm; ``ACK`` on
+WhatsApp acknowledges it (:meth:`AlarmBook.acknowledge`), which stops its
+reminders. An alarm nobody acknowledges is escalated at ``after``, ``2×after``…
+up to ``escalation_max`` times (:meth:`AlarmBook.due`).
+
+State lives in a :class:`~botonera_bridge.state.HashStore` (the ``alarms`` hash):
+field ``a:<event id>`` holds an alarm, ``s:<empresa>`` the empresa's semáforo,
+both as JSON. Call ``await store.load()`` before building the book (or
+:meth:`AlarmBook.reload` after), and :meth:`AlarmBook.flush` now and then; the
+escalation loop in :mod:`commands` does.
+
+Times come from the injected ``clock`` (wall seconds, so they survive restarts;
+tests pass ``trio.current_time`` under ``autojump_clock``). Acknowledged alarms
+stay visible for :data:`ACKED_TTL`, then are forgotten; at most
+:data:`MAX_PER_EMPRESA` alarms are kept per empresa (acknowledged ones go first).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+
+from .ids import fold, mask_phone
+from .messages import Event, now_rfc3339
+from .state import HashStore
+
+log = logging.getLogger(__name__)
+
+ACKED_TTL: Final = 24 * 3600.0  # seconds an acknowledged alarm stays on the board
+MAX_PER_EMPRESA: Final = 200  # alarms kept per empresa
+ALARM_COLOURS: Final = frozenset({"ROJO", "AZUL"})  # semáforos that open an alarm
+MIN_REF: Final = 4  # shortest event-id prefix accepted by acknowledge()
+
+_ALARM: Final = "a:"
+_SEMAFORO: Final = "s:"
+
+
+class OpenAlarm(msgspec.Struct, frozen=True, kw_only=True):
+    """One alarm on the board (open, or acknowledged and kept for a while)."""
+
+    id: str  # the event id
+    empresa: str  # "" when the panel did not say
+    sede: str
+    dispositivo: str = ""
+    tipo: str  # alarmas | semaforos
+    tipo_alarma: str  # CRITICA…, or the colour for semaforos
+    descripcion: str
+    opened_at: float  # clock seconds
+    received_ns: int = 0  # wall clock of the event, for texts
+    escalations: int = 0  # reminders already sent
+    acked_by: str = ""  # E.164 of who acknowledged it
+    acked_at: float | None = None
+
+    @property
+    def acked(self) -> bool:
+        return self.acked_at is not None
+
+
+class Semaforo(msgspec.Struct, frozen=True, kw_only=True):
+    colour: str  # upper-case, accents folded: VERDE, ROJO, …
+    since: float  # clock seconds of the event that set it
+    sede: str = ""
+    event_id: str = ""
+
+
+_encode: Final = msgspec.json.Encoder().encode
+_decode_alarm: Final = msgspec.json.Decoder(OpenAlarm).decode
+_decode_semaforo: Final = msgspec.json.Decoder(Semaforo).decode
+
+
+def colour_of(value: str) -> str:
+    """'Rojo ' / 'rojo' / 'ROJO' -> 'ROJO' (any string is accepted)."""
+    return fold(value).upper()
+
+
+class AlarmBook:
+    """Open alarms and semáforos per empresa; synchronous, cheap, no I/O but ``flush``."""
+
+    def __init__(
+        self,
+        store: HashStore,
+        *,
+        escalation_after: float,
+        escalation_max: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if escalation_after <= 0:
+            raise ValueError("escalation_after must be positive")
+        self.store = store
+        self.after = escalation_after
+        self.max = max(0, escalation_max)
+        self.clock = clock
+        self._alarms: dict[str, OpenAlarm] = {}
+        self._semaforos: dict[str, Semaforo] = {}
+        self.reload()
+
+    # -- persistence ------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Rebuild the board from the store's mirror (after ``await store.load()``)."""
+        self._alarms.clear()
+        self._semaforos.clear()
+        for field, raw in list(self.store.data.items()):
+            try:
+                if field.startswith(_ALARM):
+                    alarm = _decode_alarm(raw)
+                    self._alarms[alarm.id] = alarm
+                elif field.startswith(_SEMAFORO):
+                    self._semaforos[field[len(_SEMAFORO) :]] = _decode_semaforo(raw)
+            except msgspec.DecodeError as exc:
+                log.warning("dropping unreadable %s field %r: %s", self.store.key, field, exc)
+                self.store.delete(field)
+        self._prune(self.clock())
+
+    async def flush(self) -> bool:
+        """Write pending changes through to Redis; True when nothing is left."""
+        return await self.store.flush()
+
+    @property
+    def dirty(self) -> bool:
+        return self.store.dirty > 0
+
+    def _put(self, alarm: OpenAlarm) -> None:
+        self._alarms[alarm.id] = alarm
+        self.store.set(_ALARM + alarm.id, _encode(alarm))
+
+    def _forget(self, alarm_id: str) -> None:
+        self._alarms.pop(alarm_id, None)
+        self.store.delete(_ALARM + alarm_id)
+
+    # -- writers ----------------------------------------------------------------------
+
+    def observe(self, event: Event) -> OpenAlarm | None:
+        """Record one event; returns the alarm it opened, if any.
+
+        Idempotent by event id (an MQTT redelivery opens nothing new). Send-test
+        events (``prueba``) never open alarms. A semáforo ROJO/AZUL opens an alarm
+        unless the same colour is already open and unacknowledged for that sede.
+        """
+        if event.prueba or event.id in self._alarms:
+            return None
+        now = self.clock()
+        opened: OpenAlarm | None = None
+        if event.tipo == "alarmas":
+            opened = self._open(event, now, event.detail.get("tipo_alarma", ""))
+        elif event.tipo == "semaforos":
+            colour = colour_of(event.detail.get("tipo_alarma", ""))
+            if not colour:
+                return None
+            self._semaforos[event.empresa] = Semaforo(
+                colour=colour, since=now, sede=event.sede, event_id=event.id
+            )
+            self.store.set(_SEMAFORO + event.empresa, _encode(self._semaforos[event.empresa]))
+            if colour in ALARM_COLOURS and not self._same_open(event, colour):
+                opened = self._open(event, now, colour)
+        if opened is not None:
+            self._prune(now, event.empresa)
+        return opened
+
+    def _open(self, event: Event, now: float, tipo_alarma: str) -> OpenAlarm:
+        alarm = OpenAlarm(
+            id=event.id,
+            empresa=event.empresa,
+            sede=event.sede,
+            dispositivo=event.dispositivo,
+            tipo=event.tipo,
+            tipo_alarma=tipo_alarma.strip(),
+            descripcion=event.detail.get("descripcion", "").strip(),
+            opened_at=now,
+            received_ns=event.received_ns,
+        )
+        self._put(alarm)
+        return alarm
+
+    def _same_open(self, event: Event, colour: str) -> bool:
+        return any(
+            a.tipo == "semaforos" and a.sede == event.sede and a.tipo_alarma == colour
+            for a in self.open_alarms(event.empresa)
+        )
+
+    def acknowledge(
+        self, empresa: str, by: str, event_id: str | None = None
+    ) -> OpenAlarm | None:
+        """Mark the newest unacknowledged alarm of ``empresa`` (or the one ``event_id``
+        names, a full id or a unique prefix of at least :data:`MIN_REF` characters)
+        as acknowledged by ``by``. Returns the updated alarm, or None when there is
+        nothing to acknowledge (none open, unknown id, or already acknowledged).
+        """
+        if event_id is None:
+            candidates = self.open_alarms(empresa)
+            target = candidates[0] if candidates else None
+        else:
+            target = self.find(empresa, event_id)
+        if target is None or target.acked:
+            return None
+        acked = msgspec.structs.replace(target, acked_by=by, acked_at=self.clock())
+        self._put(acked)
+        return acked
+
+    def find(self, empresa: str, ref: str) -> OpenAlarm | None:
+        """The alarm of ``empresa`` (open or acknowledged) whose id is ``ref`` or
+        starts with it (case-insensitive, at least :data:`MIN_REF` characters)."""
+        ref = ref.strip().lower()
+        exact = self._alarms.get(ref)
+        if exact is not None and exact.empresa == empresa:
+            return exact
+        if len(ref) < MIN_REF:
+            return None
+        matches = [
+            a
+            for a in self._alarms.values()
+            if a.empresa == empresa and a.id.lower().startswith(ref)
+        ]
+        return matches[0] if len(matches) == 1 else None
+
+    def due(self, now: float) -> list[OpenAlarm]:
+        """Unacknowledged alarms whose next reminder time has passed, marked as escalated.
+
+        Reminder k (1…max) is due at ``opened_at + k × after``. After a long outage
+        only the latest passed reminder is sent, so people get one message, not a
+        burst. Oldest first.
+        """
+        out: list[OpenAlarm] = []
+        for alarm in sorted(self._alarms.values(), key=lambda a: (a.opened_at, a.id)):
+            if alarm.acked or alarm.escalations >= self.max:
+                continue
+            if now < self._next_time(alarm):
+                continue
+            passed = math.floor((now - alarm.opened_at) / self.after + 1e-9)
+            step = min(self.max, max(alarm.escalations + 1, passed))
+            updated = msgspec.structs.replace(alarm, escalations=step)
+            self._put(updated)
+            out.append(updated)
+        if out:
+            self._prune(now)
+        return out
+
+    def _next_time(self, alarm: OpenAlarm) -> float:
+        return alarm.opened_at + (alarm.escalations + 1) * self.after
+
+    def next_due(self) -> float | None:
+        """When the next reminder falls due (clock seconds), or None."""
+        times = [
+            self._next_time(a)
+            for a in self._alarms.values()
+            if not a.acked and a.escalations < self.max
+        ]
+        return min(times) if times else None
+
+    def _prune(self, now: float, empresa: str | None = None) -> None:
+        """Forget acknowledged alarms older than ACKED_TTL; keep MAX_PER_EMPRESA each."""
+        for alarm in list(self._alarms.values()):
+            if alarm.acked_at is not None and now - alarm.acked_at >= ACKED_TTL:
+                self._forget(alarm.id)
+        empresas = {empresa} if empresa is not None else {a.empresa for a in self._alarms.values()}
+        for e in empresas:
+            mine = [a for a in self._alarms.values() if a.empresa == e]
+            excess = len(mine) - MAX_PER_EMPRESA
+            if excess <= 0:
+                continue
+            # acknowledged first, then oldest first
+            mine.sort(key=lambda a: (not a.acked, a.opened_at, a.id))
+            for alarm in mine[:excess]:
+                log.warning(
+                    "forgetting alarm %s of %s: more than %d kept",
+                    alarm.id, e or "-", MAX_PER_EMPRESA,
+                )
+                self._forget(alarm.id)
+
+    # -- readers ----------------------------------------------------------------------
+
+    def open_alarms(self, empresa: str) -> list[OpenAlarm]:
+        """Unacknowledged alarms of ``empresa``, newest first."""
+        mine = [a for a in self._alarms.values() if a.empresa == empresa and not a.acked]
+        mine.sort(key=lambda a: (a.opened_at, a.received_ns, a.id), reverse=True)
+        return mine
+
+    def acked_alarms(self, empresa: str) -> list[OpenAlarm]:
+        """Acknowledged alarms still on the board, newest acknowledgement first."""
+        mine = [a for a in self._alarms.values() if a.empresa == empresa and a.acked]
+        mine.sort(key=lambda a: (a.acked_at or 0.0, a.id), reverse=True)
+        return mine
+
+    def get(self, alarm_id: str) -> OpenAlarm | None:
+        return self._alarms.get(alarm_id)
+
+    def semaforo(self, empresa: str) -> tuple[str, float] | None:
+        """(colour, since) of the empresa's current semáforo, or None if never seen."""
+        s = self._semaforos.get(empresa)
+        return (s.colour, s.since) if s is not None else None
+
+    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        """Plain data for ``/api/status`` and the status page: empresa -> alarms.
+
+        Unacknowledged alarms first (newest first), then acknowledged ones still on
+        the board (newest acknowledgement first). Each alarm is ``{"id", "tipo",
+        "tipo_alarma", "descripcion", "sede", "dispositivo", "desde" (RFC 3339),
+        "avisos" (reminders sent), "acuse": None | {"por" (masked number), "en"}}``.
+        Empresa ``""`` collects alarms whose panel named no empresa.
+        """
+        self._prune(self.clock())
+        out: dict[str, list[dict[str, Any]]] = {}
+        for e in sorted({a.empresa for a in self._alarms.values()}):
+            out[e] = [_public(a) for a in self.open_alarms(e) + self.acked_alarms(e)]
+        return out
+
+
+def _rfc3339(seconds: float) -> str:
+    return now_rfc3339(int(seconds * 1e9))
+
+
+def _public(alarm: OpenAlarm) -> dict[str, Any]:
+    acuse = None
+    if alarm.acked_at is not None:
+        por = mask_phone(alarm.acked_by) if alarm.acked_by else ""
+        acuse = {"por": por, "en": _rfc3339(alarm.acked_at)}
+    return {
+        "id": alarm.id,
+        "tipo": alarm.tipo,
+        "tipo_alarma": alarm.tipo_alarma,
+        "descripcion": alarm.descripcion,
+        "sede": alarm.sede,
+        "dispositivo": alarm.dispositivo,
+        "desde": _rfc3339(alarm.opened_at),
+        "avisos": alarm.escalations,
+        "acuse": acuse,
+    }

@@ -1,0 +1,339 @@
+"""Configuration: a TOML file, then environment variables, validated into frozen Structs.
+
+Lookup order for the file: ``--config PATH``, ``$BOTONERA_CONFIG``,
+``./botonera-bridge.toml`` if present, else built-in defaults. Unknown keys are
+errors naming the key and the file. Secrets may come from ``*_file`` keys and are
+masked by :func:`masked` wherever they are printed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from .errors import ConfigError
+
+DEFAULT_FILE: Final = "botonera-bridge.toml"
+BUILTIN_EMPRESAS: Final = (
+    ("cota", "Cota"),
+    ("tocancipa", "Tocancipá"),
+    ("funza", "Funza"),
+    ("madrid", "Madrid"),
+)
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class MqttSettings(_Section):
+    broker: str = "localhost"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    topics: tuple[str, ...] = ("empresas",)
+    client_id: str = "botonera-bridge"
+    qos: int = 1
+    tls: bool = False
+    ca_file: str = ""
+    keepalive: int = 30  # seconds
+    max_payload: int = 65536  # bytes
+    shared_group: str = ""
+
+
+class BackendSettings(_Section):
+    url: str = "http://localhost:8000"
+    token: str = ""
+    token_file: str = ""
+    timeout: float = 10.0  # seconds, connect and read
+    retry_max_delay: float = 30.0  # seconds
+    verify: bool = False
+    verify_ttl: float = 600.0  # seconds
+    concurrency: int = 8  # empresas delivered in parallel
+
+
+class RedisSettings(_Section):
+    url: str = "redis://localhost:6379/0"
+    prefix: str = "botonera"
+    memory_limit: int = 10000  # events held in memory while Redis is away
+
+
+class WebsocketSettings(_Section):
+    url: str = "ws://localhost:8080/ws"
+    reconnect_delay: float = 3.0  # seconds
+
+
+class WhatsappSettings(_Section):
+    provider: str = "log"
+    api_url: str = ""
+    api_version: str = "v21.0"
+    phone_number_id: str = ""
+    token: str = ""
+    token_file: str = ""
+    session: str = "default"
+    template: str = ""
+    language: str = "es"
+    max_per_second: float = 20.0
+    min_interval: float = 6.0  # seconds between two messages to one number
+    dedup_window: float = 60.0  # seconds
+    timeout: float = 10.0  # seconds
+
+
+class HeartbeatSettings(_Section):
+    timeout: float = 90.0  # seconds of silence before a panel is offline
+    stall_timeout: float = 60.0  # seconds a sink may sit on pending work
+
+
+class EscalationSettings(_Section):
+    after: float = 300.0  # seconds
+    max: int = 3
+
+
+class StatusSettings(_Section):
+    listen: str = "127.0.0.1:9108"
+    token: str = ""
+
+
+class LogSettings(_Section):
+    level: str = "INFO"
+    format: str = "text"
+
+
+class Empresa(_Section):
+    id: str
+    nombre: str = ""
+    contactos: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.nombre or self.id.capitalize()
+
+
+class Settings(_Section):
+    mqtt: MqttSettings = MqttSettings()
+    backend: BackendSettings = BackendSettings()
+    redis: RedisSettings = RedisSettings()
+    websocket: WebsocketSettings = WebsocketSettings()
+    whatsapp: WhatsappSettings = WhatsappSettings()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
+    escalation: EscalationSettings = EscalationSettings()
+    status: StatusSettings = StatusSettings()
+    log: LogSettings = LogSettings()
+    central: tuple[str, ...] = ()
+    empresas: tuple[Empresa, ...] = ()
+    shutdown_grace: float = 10.0  # seconds to drain on SIGTERM
+    source: str = "defaults"
+
+    def empresa(self, empresa_id: str) -> Empresa | None:
+        for e in self.empresas:
+            if e.id == empresa_id:
+                return e
+        return None
+
+
+# env var -> (section, key, parser)
+_ENV: Final[dict[str, tuple[str, str, str]]] = {
+    "MQTT_BROKER": ("mqtt", "broker", "str"),
+    "MQTT_PORT": ("mqtt", "port", "int"),
+    "MQTT_USERNAME": ("mqtt", "username", "str"),
+    "MQTT_PASSWORD": ("mqtt", "password", "str"),
+    "MQTT_TOPICS": ("mqtt", "topics", "list"),
+    "MQTT_CLIENT_ID": ("mqtt", "client_id", "str"),
+    "MQTT_SHARED_GROUP": ("mqtt", "shared_group", "str"),
+    "BACKEND_URL": ("backend", "url", "str"),
+    "BACKEND_TOKEN": ("backend", "token", "str"),
+    "REDIS_URL": ("redis", "url", "str"),
+    "WEBSOCKET_URL": ("websocket", "url", "str"),
+    "WHATSAPP_PROVIDER": ("whatsapp", "provider", "str"),
+    "WHATSAPP_API_URL": ("whatsapp", "api_url", "str"),
+    "WHATSAPP_TOKEN": ("whatsapp", "token", "str"),
+    "WHATSAPP_PHONE_NUMBER_ID": ("whatsapp", "phone_number_id", "str"),
+    "HEARTBEAT_TIMEOUT": ("heartbeat", "timeout", "float"),
+    "STATUS_LISTEN": ("status", "listen", "str"),
+    "LOG_LEVEL": ("log", "level", "str"),
+    "LOG_FORMAT": ("log", "format", "str"),
+}
+
+SECRET_KEYS: Final = frozenset({"password", "token"})
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get("BOTONERA_CONFIG"):
+        return Path(env["BOTONERA_CONFIG"])
+    default = Path(DEFAULT_FILE)
+    return default if default.is_file() else None
+
+
+def load(explicit: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate the configuration. Raises ConfigError."""
+    env = os.environ if env is None else env
+    path = find_config_file(explicit, env)
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError("config file not found", source=source) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file: {exc}", source=source) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}", source=source) from exc
+    raw.pop("source", None)
+    return from_mapping(raw, env=env, source=source)
+
+
+def from_mapping(
+    raw: dict[str, Any], *, env: Mapping[str, str] | None = None, source: str = "defaults"
+) -> Settings:
+    env = {} if env is None else env
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for var, (section, key, kind) in _ENV.items():
+        value = env.get(var)
+        if value is None or value == "" and kind != "str":
+            continue
+        sect = data.setdefault(section, {})
+        if not isinstance(sect, dict):
+            raise ConfigError(f"'{section}' must be a table", source=source, key=section)
+        try:
+            sect[key] = _parse_env(value, kind)
+        except ValueError as exc:
+            raise ConfigError(f"{var}={value!r} is not a valid {kind}", source="env") from exc
+        if var == "MQTT_BROKER" and ":" in value and "MQTT_PORT" not in env:
+            host, _, port = value.rpartition(":")
+            if port.isdigit():
+                sect["broker"], sect["port"] = host, int(port)
+    try:
+        settings = msgspec.convert(data | {"source": source}, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _translate(exc, source) from exc
+    return _finish(settings, source)
+
+
+def _parse_env(value: str, kind: str) -> Any:
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "list":
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _translate(exc: msgspec.ValidationError, source: str) -> ConfigError:
+    msg = str(exc)
+    m = re.match(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?(.*)`)?", msg)
+    if m:
+        key = ".".join(p for p in (_dotted(m.group(2) or ""), m.group(1)) if p)
+        return ConfigError(f"unknown key '{key}'", source=source, key=key)
+    m = re.match(r"(.*) - at `\$\.?(.*)`", msg)
+    if m:
+        key = _dotted(m.group(2))
+        return ConfigError(f"invalid value for '{key}': {m.group(1)}", source=source, key=key)
+    return ConfigError(msg, source=source)
+
+
+def _dotted(path: str) -> str:
+    return re.sub(r"\[(\d+)\]", r"[\1]", path)
+
+
+def _read_secret(path: str, source: str, key: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {key} {path!r}: {exc.strerror}", source=source) from exc
+
+
+def _finish(s: Settings, source: str) -> Settings:
+    mqtt, backend, wa = s.mqtt, s.backend, s.whatsapp
+    if mqtt.password_file and not mqtt.password:
+        pw = _read_secret(mqtt.password_file, source, "mqtt.password_file")
+        mqtt = msgspec.structs.replace(mqtt, password=pw)
+    if backend.token_file and not backend.token:
+        tok = _read_secret(backend.token_file, source, "backend.token_file")
+        backend = msgspec.structs.replace(backend, token=tok)
+    if wa.token_file and not wa.token:
+        wa = msgspec.structs.replace(wa, token=_read_secret(wa.token_file, source, "whatsapp.token_file"))
+    if mqtt.qos not in (0, 1, 2):
+        raise ConfigError("mqtt.qos must be 0, 1 or 2", source=source, key="mqtt.qos")
+    if not mqtt.topics:
+        raise ConfigError("mqtt.topics must not be empty", source=source, key="mqtt.topics")
+    if wa.provider not in ("log", "cloud", "waha"):
+        raise ConfigError(
+            f"whatsapp.provider must be log, cloud or waha, not {wa.provider!r}",
+            source=source,
+            key="whatsapp.provider",
+        )
+    if wa.provider != "log" and not wa.api_url:
+        raise ConfigError(
+            f"whatsapp.api_url is required for provider {wa.provider}",
+            source=source,
+            key="whatsapp.api_url",
+        )
+    if s.log.format not in ("text", "json"):
+        raise ConfigError("log.format must be text or json", source=source, key="log.format")
+    if s.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"unknown log.level {s.log.level!r}", source=source, key="log.level")
+    if s.status.listen and not re.match(r"^.+:\d+$", s.status.listen):
+        raise ConfigError("status.listen must be host:port", source=source, key="status.listen")
+    from .ids import IdentifierError, normalize_id  # local: ids imports nothing from here
+
+    empresas: dict[str, Empresa] = {eid: Empresa(id=eid, nombre=n) for eid, n in BUILTIN_EMPRESAS}
+    for i, e in enumerate(s.empresas):
+        try:
+            eid = normalize_id(e.id)
+        except IdentifierError as exc:
+            raise ConfigError(str(exc), source=source, key=f"empresas[{i}].id") from exc
+        for c in e.contactos:
+            _check_phone(c, source, f"empresas[{i}].contactos")
+        builtin = empresas.get(eid)
+        nombre = e.nombre or (builtin.nombre if builtin else "")
+        empresas[eid] = Empresa(id=eid, nombre=nombre, contactos=e.contactos)
+    for c in s.central:
+        _check_phone(c, source, "central")
+    return msgspec.structs.replace(
+        s,
+        mqtt=mqtt,
+        backend=backend,
+        whatsapp=wa,
+        empresas=tuple(empresas.values()),
+        log=msgspec.structs.replace(s.log, level=s.log.level.upper()),
+    )
+
+
+def _check_phone(number: str, source: str, key: str) -> None:
+    if not _E164.match(number):
+        raise ConfigError(f"{number!r} is not an E.164 number (+57...)", source=source, key=key)
+
+
+def mask(secret: str) -> str:
+    return "" if not secret else "****"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, every secret replaced by ****."""
+    data: dict[str, Any] = msgspec.to_builtins(settings)
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: (mask(v) if k in SECRET_KEYS and isinstance(v, str) else walk(v))
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    out: dict[str, Any] = walk(data)
+    return out

@@ -1,0 +1,1 @@
+"""Durable queues: Redis streams with a bounded in-memory fallback."""

@@ -1,0 +1,110 @@
+"""Whether Redis is usable right now, shared by every queue and store.
+
+Any Redis failure marks the link down (queues switch to memory); a probe task
+pings with capped backoff and, once Redis answers, runs each registered
+recovery hook (move memory contents into the streams) before marking it up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..backoff import delays
+from ..errors import RedisError
+from ..health import Health
+from ..metrics import Metrics
+from .redis_client import Redis
+
+log = logging.getLogger(__name__)
+
+
+class RedisLink:
+    def __init__(
+        self, redis: Redis | None, *, metrics: Metrics | None = None, health: Health | None = None
+    ) -> None:
+        self.redis = redis
+        self._metrics = metrics
+        self._health = health
+        self.up = False
+        self.changed = trio.Event()  # replaced each time `up` flips
+        self._went_down = trio.Event()
+        self._recovery: list[Callable[[], Awaitable[None]]] = []
+        self.last_error = "not connected yet" if redis else "memory only (redis.url empty)"
+        if health is not None and redis is not None:
+            health.set("redis", False, self.last_error)
+        self._report()
+
+    def on_recovery(self, hook: Callable[[], Awaitable[None]]) -> None:
+        self._recovery.append(hook)
+
+    def down(self, exc: BaseException) -> None:
+        self.last_error = str(exc)
+        if not self.up:
+            return
+        self.up = False
+        log.warning(
+            "Redis unavailable (%s): queues fall back to memory; "
+            "MQTT acknowledgements wait until messages are delivered",
+            exc,
+        )
+        self._flip()
+        self._went_down.set()
+
+    def _flip(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+        self._report()
+
+    def _report(self) -> None:
+        if self._metrics is not None:
+            self._metrics.redis_connected.set(1 if self.up else 0)
+            self._metrics.memory_fallback.set(0 if self.up else 1)
+        if self._health is not None and self.redis is not None:
+            self._health.set("redis", self.up, self.last_error)
+
+    async def _recover(self) -> None:
+        assert self.redis is not None
+        await self.redis.execute("PING")
+        for hook in self._recovery:
+            await hook()
+        self.up = True
+        self.last_error = ""
+        self._flip()
+
+    async def connect(self) -> None:
+        """For short-lived tools: require Redis now (raises RedisError), no fallback."""
+        assert self.redis is not None
+        await self.redis.execute("PING")
+        self.up = True
+        self._report()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect at start (without waiting forever), then keep probing while down."""
+        if self.redis is None:
+            task_status.started()
+            await trio.sleep_forever()
+        first = True
+        while True:
+            for delay in delays(0.5, 5.0):
+                try:
+                    await self._recover()
+                except RedisError as exc:
+                    self.last_error = str(exc)
+                    self._report()
+                    if first:
+                        log.warning("Redis unavailable at start (%s): running on memory", exc)
+                        task_status.started()
+                        first = False
+                    await trio.sleep(delay)
+                    continue
+                if first:
+                    task_status.started()
+                    first = False
+                else:
+                    log.warning("Redis is back: memory queues moved into the streams")
+                break
+            self._went_down = trio.Event()
+            await self._went_down.wait()

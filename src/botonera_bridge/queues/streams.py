@@ -1,0 +1,513 @@
+"""A durable queue: a Redis stream with one consumer group per reader, and a
+bounded in-memory fallback while Redis is away.
+
+Guarantees:
+- ``append`` returns a :class:`Receipt` per item; it is *safe* once the item is
+  in the Redis stream, or, on the memory fallback, once every group finished it.
+- Each group reads and acknowledges independently; entries a group has not
+  acknowledged are never trimmed.
+- When Redis returns, memory entries move into the stream in order, tagged with
+  the groups that already finished them (those skip them).
+- Memory full: ``append`` waits (the caller stops acknowledging MQTT); nothing
+  is dropped.
+- Pending entries of a dead consumer are reclaimed with XAUTOCLAIM; an entry
+  delivered more than ``max_deliveries`` times is handed to ``on_poison``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from ..errors import RedisError, RedisReplyError
+from .link import RedisLink
+
+log = logging.getLogger(__name__)
+
+DEDUP_TTL: Final = 86400  # seconds a dedup key is remembered in Redis
+MEMORY_DEDUP: Final = 20000  # recent dedup keys remembered in memory
+RECLAIM_IDLE_MS: Final = 60000  # a pending entry idle this long belongs to a dead consumer
+TOUCH_AFTER: Final = 20.0  # seconds: refresh idle time of our own in-flight entries
+MAX_DELIVERIES: Final = 10
+
+# One round trip, atomic: skip items whose dedup key was seen, append the rest.
+_APPEND_LUA: Final = """
+local out = {}
+for i = 2, #ARGV, 3 do
+  local ok = true
+  if ARGV[i] ~= '' then ok = redis.call('SET', ARGV[i], '1', 'NX', 'EX', ARGV[1]) end
+  if ok then
+    out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 1], 's', ARGV[i + 2])
+  else
+    out[#out + 1] = false
+  end
+end
+return out
+"""
+
+
+class Receipt:
+    """Tells when an appended item is safe to acknowledge upstream."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self, event: trio.Event | None) -> None:
+        self._event = event
+
+    @property
+    def safe(self) -> bool:
+        return self._event is None or self._event.is_set()
+
+    async def wait(self) -> None:
+        if self._event is not None:
+            await self._event.wait()
+
+
+SAFE: Final = Receipt(None)
+
+
+@dataclass(eq=False)
+class _Mem:
+    id: str
+    data: bytes
+    done_by: set[str]
+    taken_by: set[str] = field(default_factory=set)
+    finished: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class Item:
+    id: str  # stream id, or "m-N" while in memory
+    data: bytes
+
+
+class DurableStream:
+    def __init__(
+        self,
+        link: RedisLink,
+        key: str,
+        groups: Sequence[str],
+        *,
+        consumer: str,
+        memory_limit: int,
+        dedup_prefix: str = "",
+        on_poison: Callable[[str, Item, int], Awaitable[None]] | None = None,
+        reclaim_idle_ms: int = RECLAIM_IDLE_MS,
+    ) -> None:
+        self.reclaim_idle_ms = reclaim_idle_ms
+        self.link = link
+        self.key = key
+        self.groups = tuple(groups)
+        self.consumer = consumer
+        self.memory_limit = memory_limit
+        self.dedup_prefix = dedup_prefix
+        self.on_poison = on_poison
+        self._mem: OrderedDict[str, _Mem] = OrderedDict()
+        self._mem_seq = 0
+        self._unread: dict[str, deque[_Mem]] = {g: deque() for g in self.groups}
+        self._reclaimed: dict[str, deque[Item]] = {g: deque() for g in self.groups}
+        self._inflight: dict[str, dict[str, float]] = {g: {} for g in self.groups}
+        self._pel_cursor: dict[str, str | None] = dict.fromkeys(self.groups, "0")
+        self._unsent_acks: dict[str, list[str]] = {g: [] for g in self.groups}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = trio.Lock()
+        self._wakeup = trio.Event()
+        self._space = trio.Event()
+        self._groups_ready = False
+        self._had_groups = False
+        self._sha = ""
+        link.on_recovery(self._on_recovery)
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def memory_items(self) -> int:
+        return len(self._mem)
+
+    def memory_depth(self, group: str) -> int:
+        return sum(1 for m in self._mem.values() if group not in m.done_by)
+
+    def inflight(self, group: str) -> int:
+        return len(self._inflight[group])
+
+    # -- producing ---------------------------------------------------------------------------
+    async def append(self, items: Sequence[tuple[bytes, str]], *, skip: str = "") -> list[Receipt]:
+        """Append (data, dedup_key) pairs in order. Duplicates (same non-empty key) are dropped
+        and reported safe. ``skip``: comma-separated groups that must not see these items.
+        Waits while the memory fallback is full."""
+        async with self._lock:
+            fresh: list[tuple[bytes, str]] = []
+            out: list[Receipt | None] = []
+            for data, key in items:
+                if key and key in self._seen:
+                    out.append(SAFE)
+                    continue
+                fresh.append((data, key))
+                out.append(None)
+            receipts = await self._append_locked(fresh, skip)
+            it = iter(receipts)
+            result = [r if r is not None else next(it) for r in out]
+            for _, key in fresh:
+                if key:
+                    self._remember(key)
+            return result
+
+    def _remember(self, key: str) -> None:
+        self._seen[key] = None
+        if len(self._seen) > MEMORY_DEDUP:
+            self._seen.popitem(last=False)
+
+    async def _append_locked(self, items: list[tuple[bytes, str]], skip: str) -> list[Receipt]:
+        if not items:
+            return []
+        if self.link.up:
+            try:
+                if self._mem:
+                    await self._migrate_locked()
+                await self._xadd(items, [skip] * len(items) if skip else ())
+                return [SAFE] * len(items)
+            except RedisError as exc:
+                self.link.down(exc)
+        receipts = []
+        for data, _ in items:
+            while len(self._mem) >= self.memory_limit:
+                log.warning(
+                    "%s memory fallback full (%d items): upstream acknowledgements paused",
+                    self.key,
+                    self.memory_limit,
+                )
+                self._space = trio.Event()
+                self._lock.release()
+                try:
+                    await self._space.wait()
+                finally:
+                    await self._lock.acquire()
+            self._mem_seq += 1
+            done = {g for g in skip.split(",") if g}
+            m = _Mem(id=f"m-{self._mem_seq}", data=data, done_by=done)
+            self._mem[m.id] = m
+            for g in self.groups:
+                if g not in done:
+                    self._unread[g].append(m)
+            receipts.append(Receipt(m.finished))
+        self._wake()
+        return receipts
+
+    async def _xadd(self, items: Sequence[tuple[bytes, str]], skips: Sequence[str] = ()) -> None:
+        redis = self.link.redis
+        assert redis is not None
+        args: list[bytes | str | int] = [DEDUP_TTL]
+        for i, (data, key) in enumerate(items):
+            args += [f"{self.dedup_prefix}{key}" if key else "", data, skips[i] if skips else ""]
+        if not self._sha:
+            self._sha = (await redis.execute("SCRIPT", "LOAD", _APPEND_LUA)).decode()
+        try:
+            await redis.execute("EVALSHA", self._sha, 1, self.key, *args)
+        except RedisReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+            self._sha = ""
+            await redis.execute("EVAL", _APPEND_LUA, 1, self.key, *args)
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        self._wakeup = trio.Event()
+
+    # -- recovery ----------------------------------------------------------------------------
+    async def _on_recovery(self) -> None:
+        await self._ensure_groups(force=True)
+        async with self._lock:
+            await self._migrate_locked()
+        await self._flush_acks()
+
+    async def _migrate_locked(self) -> None:
+        """Move memory entries into the stream, in order; finished groups skip them."""
+        pending = list(self._mem.values())
+        if not pending:
+            return
+        # Entries a group is delivering right now from memory: let it finish (bounded)
+        # so the stream copy can be marked done for that group instead of redelivered.
+        with trio.move_on_after(5):
+            while any(m.taken_by - m.done_by for m in pending):
+                await trio.sleep(0.05)
+        for start in range(0, len(pending), 500):
+            chunk = pending[start : start + 500]
+            await self._xadd(
+                [(m.data, "") for m in chunk],
+                [",".join(sorted(m.done_by)) for m in chunk],
+            )
+        log.warning("%s: moved %d memory items into the Redis stream", self.key, len(pending))
+        for m in pending:
+            self._mem.pop(m.id, None)
+            m.finished.set()
+        for g in self.groups:
+            self._unread[g].clear()
+            for mid in [i for i in self._inflight[g] if i.startswith("m-")]:
+                del self._inflight[g][mid]
+        self._space.set()
+
+    async def _ensure_groups(self, *, force: bool = False) -> None:
+        if self._groups_ready and not force:
+            return
+        redis = self.link.redis
+        assert redis is not None
+        replies = await redis.pipeline(
+            [["XGROUP", "CREATE", self.key, g, "0", "MKSTREAM"] for g in self.groups]
+        )
+        created = []
+        for g, r in zip(self.groups, replies, strict=True):
+            if isinstance(r, RedisReplyError):
+                if r.code != "BUSYGROUP":
+                    raise r
+            else:
+                created.append(g)
+        if created and self._had_groups:
+            log.warning(
+                "%s: consumer groups %s were missing (Redis restarted empty?) and were "
+                "recreated; possible data loss of entries Redis had not persisted",
+                self.key,
+                ",".join(created),
+            )
+        self._groups_ready = self._had_groups = True
+
+    async def _flush_acks(self) -> None:
+        redis = self.link.redis
+        assert redis is not None
+        for g, ids in self._unsent_acks.items():
+            if ids:
+                await redis.execute("XACK", self.key, g, *ids)
+                ids.clear()
+
+    # -- consuming ---------------------------------------------------------------------------
+    async def read(self, group: str, count: int, block_ms: int = 2000) -> list[Item]:
+        """Wait for up to ``count`` items for ``group`` (memory first, then the stream)."""
+        while True:
+            mem = self._unread[group]
+            if mem:
+                taken = []
+                while mem and len(taken) < count:
+                    m = mem.popleft()
+                    if m.id in self._mem and group not in m.done_by:
+                        m.taken_by.add(group)
+                        self._inflight[group][m.id] = time.monotonic()
+                        taken.append(Item(m.id, m.data))
+                if taken:
+                    return taken
+                continue
+            if self._reclaimed[group]:
+                rq = self._reclaimed[group]
+                return [rq.popleft() for _ in range(min(count, len(rq)))]
+            if not self.link.up:
+                wake = self._wakeup
+                changed = self.link.changed
+                async with trio.open_nursery() as n:
+
+                    async def _wait(ev: trio.Event, scope: trio.CancelScope = n.cancel_scope) -> None:
+                        await ev.wait()
+                        scope.cancel()
+
+                    n.start_soon(_wait, wake)
+                    n.start_soon(_wait, changed)
+                continue
+            try:
+                items = await self._xread(group, count, block_ms)
+            except RedisReplyError as exc:
+                if exc.code == "NOGROUP":
+                    self._groups_ready = False
+                    try:
+                        await self._ensure_groups()
+                    except RedisError as exc2:
+                        self.link.down(exc2)
+                    continue
+                self.link.down(exc)
+                continue
+            except RedisError as exc:
+                self.link.down(exc)
+                continue
+            if items:
+                return items
+
+    async def _xread(self, group: str, count: int, block_ms: int) -> list[Item]:
+        redis = self.link.redis
+        assert redis is not None
+        await self._ensure_groups()
+        cursor = self._pel_cursor[group]
+        args: list[str | int] = ["XREADGROUP", "GROUP", group, self.consumer, "COUNT", count]
+        if cursor is None:
+            args += ["BLOCK", block_ms]
+        reply = await redis.execute(*args, "STREAMS", self.key, cursor or ">")
+        entries = _entries(reply)
+        if cursor is not None:
+            # Our own pending entries (a restart with the same consumer name), paged by id.
+            if not entries:
+                self._pel_cursor[group] = None
+                return []
+            self._pel_cursor[group] = entries[-1][0]
+            entries = [e for e in entries if e[0] not in self._inflight[group]]
+        return await self._accept(group, entries)
+
+    async def _accept(self, group: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Item]:
+        out: list[Item] = []
+        skip_ids: list[str] = []
+        now = time.monotonic()
+        for eid, fields in entries:
+            skips = fields.get(b"s", b"").decode()
+            data = fields.get(b"d")
+            if data is None or (skips and group in skips.split(",")):
+                skip_ids.append(eid)
+                continue
+            self._inflight[group][eid] = now
+            out.append(Item(eid, data))
+        if skip_ids:
+            redis = self.link.redis
+            assert redis is not None
+            await redis.execute("XACK", self.key, group, *skip_ids)
+        return out
+
+    async def ack(self, group: str, ids: Sequence[str]) -> None:
+        stream_ids = []
+        for i in ids:
+            self._inflight[group].pop(i, None)
+            if i.startswith("m-"):
+                m = self._mem.get(i)
+                if m is None:
+                    continue
+                m.done_by.add(group)
+                if m.done_by.issuperset(self.groups):
+                    del self._mem[i]
+                    m.finished.set()
+                    self._space.set()
+            else:
+                stream_ids.append(i)
+        if not stream_ids:
+            return
+        if not self.link.up:
+            self._unsent_acks[group] += stream_ids
+            return
+        redis = self.link.redis
+        assert redis is not None
+        try:
+            await redis.execute("XACK", self.key, group, *stream_ids)
+        except RedisError as exc:
+            self._unsent_acks[group] += stream_ids
+            self.link.down(exc)
+
+    # -- maintenance -------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        """One maintenance pass: reclaim dead consumers' entries, keep ours fresh, trim."""
+        if not self.link.up:
+            return
+        redis = self.link.redis
+        assert redis is not None
+        try:
+            await self._ensure_groups()
+            now = time.monotonic()
+            for g in self.groups:
+                stale = [i for i, t in self._inflight[g].items() if now - t > TOUCH_AFTER and "-" in i and not i.startswith("m-")]
+                if stale:
+                    await redis.execute("XCLAIM", self.key, g, self.consumer, 0, *stale, "JUSTID")
+                    for i in stale:
+                        self._inflight[g][i] = now
+                await self._reclaim(g)
+            await self._trim()
+        except RedisError as exc:
+            self.link.down(exc)
+
+    async def _reclaim(self, group: str) -> None:
+        redis = self.link.redis
+        assert redis is not None
+        reply = await redis.execute(
+            "XAUTOCLAIM", self.key, group, self.consumer, self.reclaim_idle_ms, "0-0", "COUNT", 200
+        )
+        entries = [e for e in _entry_list(reply[1]) if e[0] not in self._inflight[group]]
+        if not entries:
+            return
+        counts = await self._delivery_counts(group, [e[0] for e in entries])
+        keep = []
+        for eid, fields in entries:
+            n = counts.get(eid, 0)
+            if n > MAX_DELIVERIES and self.on_poison is not None:
+                await self.on_poison(group, Item(eid, fields.get(b"d", b"")), n)
+                await redis.execute("XACK", self.key, group, eid)
+            else:
+                keep.append((eid, fields))
+        log.warning("%s/%s: reclaimed %d entries of a dead consumer", self.key, group, len(keep))
+        self._reclaimed[group].extend(await self._accept(group, keep))
+        self._wake()
+
+    async def _delivery_counts(self, group: str, ids: list[str]) -> dict[str, int]:
+        redis = self.link.redis
+        assert redis is not None
+        reply = await redis.execute("XPENDING", self.key, group, ids[0], ids[-1], len(ids) + 1000)
+        return {r[0].decode(): int(r[3]) for r in reply}
+
+    async def _trim(self) -> None:
+        """Drop entries every group has acknowledged; never an unacknowledged one."""
+        redis = self.link.redis
+        assert redis is not None
+        groups = await redis.execute("XINFO", "GROUPS", self.key)
+        floor: str | None = None
+        for g in groups:
+            info = _pairs(g)
+            if info.get(b"name", b"").decode() not in self.groups:
+                continue
+            pending = await redis.execute("XPENDING", self.key, info[b"name"])
+            candidate = pending[1].decode() if pending[0] else info[b"last-delivered-id"].decode()
+            if floor is None or _id_key(candidate) < _id_key(floor):
+                floor = candidate
+        if floor and floor != "0-0":
+            await redis.execute("XTRIM", self.key, "MINID", floor)
+
+    async def depth(self, group: str) -> int:
+        """Items not yet finished by ``group`` (undelivered + in flight)."""
+        n = self.memory_depth(group)
+        if not self.link.up:
+            return n
+        redis = self.link.redis
+        assert redis is not None
+        try:
+            for g in await redis.execute("XINFO", "GROUPS", self.key):
+                info = _pairs(g)
+                if info.get(b"name") == group.encode():
+                    lag = info.get(b"lag")
+                    return n + int(info[b"pending"]) + (int(lag) if lag is not None else 0)
+        except RedisReplyError:
+            return n
+        except RedisError as exc:
+            self.link.down(exc)
+        return n
+
+    async def run_maintenance(self, period: float = 5.0) -> None:
+        while True:
+            await trio.sleep(period)
+            await self.maintain()
+
+
+def _pairs(flat: list[Any]) -> dict[bytes, Any]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _entry_list(raw: list[Any] | None) -> list[tuple[str, dict[bytes, bytes]]]:
+    out = []
+    for eid, flat in raw or []:
+        if flat is None:  # deleted while pending
+            continue
+        out.append((eid.decode(), _pairs(flat)))
+    return out
+
+
+def _entries(reply: list[Any] | None) -> list[tuple[str, dict[bytes, bytes]]]:
+    if not reply:
+        return []
+    _, raw = reply[0]
+    return _entry_list(raw)

@@ -1,0 +1,184 @@
+"""WhatsApp texts: pure functions, Spanish, short.
+
+Every alert text says the empresa (its display name), the sede, what happened and
+when (America/Bogota wall-clock time, HH:MM), e.g.::
+
+    🚨 ALARMA CRITICA — Cota (sede principal): Fallo en sistema · 14:32
+
+Nothing here does I/O; the time of an event is its ``received_ns`` (wall clock).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .config import Empresa
+from .ids import fold
+from .messages import Event
+
+
+def _bogota() -> dt.tzinfo:
+    try:
+        return ZoneInfo("America/Bogota")
+    except (ZoneInfoNotFoundError, ValueError):
+        # Slim images may lack tzdata; Colombia has no DST, so UTC-5 is exact.
+        return dt.timezone(dt.timedelta(hours=-5), "COT")
+
+
+TZ: Final = _bogota()
+
+#: colour -> (emoji, label)
+SEMAFOROS: Final[dict[str, tuple[str, str]]] = {
+    "VERDE": ("🟢", "normal"),
+    "AMARILLO": ("🟡", "precaución"),
+    "NARANJA": ("🟠", "alerta"),
+    "ROJO": ("🔴", "emergencia"),
+    "AZUL": ("🔵", "código azul — emergencia médica"),
+}
+PRUEBA: Final = "[PRUEBA]"
+NO_DESCRIPTION: Final = "sin descripción"
+
+#: which panel messages are worth a WhatsApp message (prueba events always are)
+_ALWAYS: Final = frozenset({"alarmas", "semaforos"})
+
+
+def clock_time(received_ns: int) -> str:
+    """'14:32' in Bogota time; ``0`` means now."""
+    ns = received_ns or time.time_ns()
+    return dt.datetime.fromtimestamp(ns / 1e9, TZ).strftime("%H:%M")
+
+
+def notifies(event: Event) -> bool:
+    """Whether an outbox event becomes a WhatsApp message.
+
+    alarmas and semaforos always; estado from the watchdog (offline/online) and
+    estado ``offline`` reported by a panel itself; prueba events always;
+    configuracion and heartbeat never.
+    """
+    if event.prueba or event.tipo in _ALWAYS:
+        return True
+    if event.tipo == "estado":
+        status = _status(event)
+        if event.origen == "watchdog":
+            return status in ("offline", "online")
+        return status == "offline"
+    return False
+
+
+def semaforo(colour: str) -> tuple[str, str, str]:
+    """(emoji, COLOUR, label) for a semáforo value; unknown values are shown as is."""
+    key = fold(colour).upper()
+    if key in SEMAFOROS:
+        emoji, label = SEMAFOROS[key]
+        return emoji, key, label
+    return "🚦", colour.strip() or "?", ""
+
+
+def place(event: Event, empresa: Empresa | None) -> str:
+    """'Cota (sede principal)', or the raw id and that it is not configured."""
+    if empresa is not None:
+        name = empresa.label
+    elif event.empresa:
+        name = f"empresa «{event.empresa}» (no configurada)"
+    else:
+        name = "empresa sin identificar"
+    extras: list[str] = []
+    if event.sede:
+        extras.append(f"sede {_human(event.sede)}")
+    if event.tipo == "estado" and event.dispositivo:
+        extras.append(f"panel {_human(event.dispositivo)}")
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
+def count_suffix(count: int, span_seconds: float) -> str:
+    """'(×10 en 1 min)' for a coalesced message; '' for a single event."""
+    if count <= 1:
+        return ""
+    minutes = max(1, math.ceil(span_seconds / 60.0 - 1e-9))
+    return f"(×{count} en {minutes} min)"
+
+
+def escalation_prefix(attempt: int, total: int) -> str:
+    """'⚠️ SIN ATENDER (aviso 2/3)'."""
+    return f"⚠️ SIN ATENDER (aviso {attempt}/{total})"
+
+
+def headline(event: Event) -> tuple[str, str, str]:
+    """(emoji, what, detail) of an event: ('🚨', 'ALARMA CRITICA', 'Fallo en sistema')."""
+    d = event.detail
+    if event.tipo == "alarmas":
+        tipo = d.get("tipo_alarma", "").strip()
+        what = f"ALARMA {tipo}" if tipo else "ALARMA"
+        return "🚨", what, d.get("descripcion", "").strip() or NO_DESCRIPTION
+    if event.tipo == "semaforos":
+        emoji, colour, label = semaforo(d.get("tipo_alarma", ""))
+        return emoji, f"SEMÁFORO {colour}", label
+    if event.tipo == "estado":
+        status = _status(event)
+        if status == "offline":
+            why = (
+                "sin señal del panel" if event.origen == "watchdog" else "el panel reportó offline"
+            )
+            return "📴", "PANEL SIN CONEXIÓN", why
+        if status == "online":
+            return "✅", "PANEL EN LÍNEA", "volvió a reportar"
+        return "ℹ️", "ESTADO", d.get("status", "") or "desconocido"
+    return "ℹ️", event.tipo.upper() or "MENSAJE", ""
+
+
+def event_text(
+    event: Event,
+    empresa: Empresa | None,
+    *,
+    count: int = 1,
+    span_seconds: float = 0.0,
+    escalation: tuple[int, int] | None = None,
+) -> str:
+    """The text of one notification (possibly carrying ``count`` identical events)."""
+    emoji, what, detail = headline(event)
+    text = f"{emoji} {what} — {place(event, empresa)}"
+    if detail:
+        text += f": {detail}"
+    suffix = count_suffix(count, span_seconds)
+    if suffix:
+        text += f" {suffix}"
+    text += f" · {clock_time(event.received_ns)}"
+    if event.prueba:
+        text = f"{PRUEBA} {text}"
+    if escalation is not None:
+        text = f"{escalation_prefix(*escalation)} {text}"
+    return text
+
+
+def summary_text(event: Event, empresa: Empresa | None, repeats: int, *, last_ns: int = 0) -> str:
+    """After a coalescing window: '🔁 ALARMA CRITICA — Cota: Fallo… se repitió 3 veces más'."""
+    _, what, detail = headline(event)
+    veces = "vez" if repeats == 1 else "veces"
+    text = f"🔁 {what} — {place(event, empresa)}"
+    if detail:
+        text += f": {detail}"
+    return f"{text} · se repitió {repeats} {veces} más (hasta {clock_time(last_ns)})"
+
+
+def template_params(
+    event: Event, empresa: Empresa | None, *, count: int = 1, span_seconds: float = 0.0
+) -> tuple[str, str, str]:
+    """Body parameters of the approved template: (empresa, tipo, detalle)."""
+    _, what, detail = headline(event)
+    if event.prueba:
+        what = f"{PRUEBA} {what}"
+    detalle = " ".join(p for p in (detail, count_suffix(count, span_seconds)) if p)
+    when = clock_time(event.received_ns)
+    return place(event, empresa), what, f"{detalle} · {when}" if detalle else when
+
+
+def _status(event: Event) -> str:
+    return fold(event.detail.get("status", ""))
+
+
+def _human(ident: str) -> str:
+    return ident.replace("_", " ").replace("-", " ")

@@ -1,0 +1,313 @@
+"""Heartbeat watchdog: which panels are talking, and offline/online events when that changes.
+
+Every decoded message refreshes the last-seen time of its device
+(``empresa/sede/dispositivo``) through :meth:`Watchdog.seen`, a cheap synchronous
+call on the router's hot path. :meth:`Watchdog.run` declares a device offline
+once it has been silent for ``timeout`` seconds and emits queued online events
+when an offline device talks again.
+
+State survives restarts in a :class:`~botonera_bridge.state.HashStore` (the
+``devices`` hash), so a restart causes no offline/online storm: after a
+(re)start a device is declared offline only a full ``timeout`` after the later
+of its last-seen time and the start, and a device persisted as online that
+talks again emits nothing.
+
+Event ids are derived from the device and the last-seen time the silence
+started at, so an event emitted again after a crash (before the state was
+written) carries the same id and the backend's idempotency drops it.
+
+Everything is measured with the injected ``wall`` clock (seconds since the
+epoch; tests pass ``trio.current_time`` under ``autojump_clock``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final, Literal
+
+import msgspec
+import trio
+
+from .ids import stable_id
+from .messages import Event, now_rfc3339, synthetic
+from .metrics import Metrics
+from .state import HashStore
+
+log = logging.getLogger(__name__)
+
+DeviceStatus = Literal["online", "offline"]
+
+MAX_CHECK_PERIOD: Final = 1.0  # seconds; the loop also wakes at the exact next deadline
+FINAL_FLUSH_TIMEOUT: Final = 2.0  # seconds allowed for the last write on shutdown
+WATCHDOG_TOPIC: Final = "botonera-bridge/watchdog"
+
+
+class DeviceState(msgspec.Struct, frozen=True, kw_only=True):
+    """One panel as ESTADO and the status page show it."""
+
+    key: str  # empresa/sede/dispositivo, missing parts "-"
+    empresa: str
+    sede: str
+    dispositivo: str
+    state: DeviceStatus
+    last_seen: float  # wall seconds
+
+
+class _Stored(msgspec.Struct, kw_only=True):
+    """The value kept in the ``devices`` hash (the field is the device key)."""
+
+    last_seen: float
+    state: DeviceStatus
+    empresa: str = ""
+    sede: str = ""
+    dispositivo: str = ""
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(_Stored).decode
+
+
+class _Device:
+    __slots__ = ("dispositivo", "empresa", "last_seen", "sede", "state")
+
+    def __init__(
+        self, empresa: str, sede: str, dispositivo: str, last_seen: float, state: DeviceStatus
+    ) -> None:
+        self.empresa = empresa
+        self.sede = sede
+        self.dispositivo = dispositivo
+        self.last_seen = last_seen
+        self.state: DeviceStatus = state
+
+
+class Watchdog:
+    """Tracks device last-seen times and emits offline/online ``estado`` events.
+
+    ``emit`` receives each synthetic event (the app appends it to the durable
+    outbox); it may block, which only delays the watchdog, never the router.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        store: HashStore,
+        emit: Callable[[Event], Awaitable[None]],
+        metrics: Metrics | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"watchdog timeout must be positive, got {timeout!r}")
+        self.timeout = timeout
+        self.period = min(MAX_CHECK_PERIOD, timeout / 4)
+        self._store = store
+        self._emit = emit
+        self._metrics = metrics
+        self._wall = wall
+        self._devices: dict[str, _Device] = {}
+        self._dirty: set[str] = set()
+        # keys whose transition event is not emitted yet: never persisted meanwhile,
+        # so a crash before emission re-declares rather than forgets the transition
+        self._pending: set[str] = set()
+        self._online_queue: list[tuple[str, Event]] = []
+        self._wakeup = trio.Event()
+        self._started_at: float | None = None  # wall time run() loaded the store
+        self._loaded = False
+
+    # -- hot path ------------------------------------------------------------------
+
+    def seen(self, event: Event) -> None:
+        """Refresh the last-seen time of ``event``'s device; queue an online event if it
+        was offline. Synchronous and cheap: called for every decoded message."""
+        if not event.empresa or event.prueba or event.origen == "watchdog":
+            # no empresa: cannot be attributed to a panel; prueba: send-test from the CLI;
+            # watchdog: our own events, should they ever be routed back here
+            return
+        key = event.device_key
+        now = self._wall()
+        dev = self._devices.get(key)
+        if dev is None:
+            dev = _Device(event.empresa, event.sede, event.dispositivo, now, "online")
+            self._devices[key] = dev
+            self._dirty.add(key)
+            self._update_metrics()
+            return
+        if dev.state == "offline":
+            self._queue_online(key, dev, now, dev.last_seen)
+        dev.last_seen = now
+        self._dirty.add(key)
+
+    def _queue_online(self, key: str, dev: _Device, now: float, silent_since: float) -> None:
+        ev = self._event(dev, "online", now, silent_since)
+        dev.state = "online"
+        self._pending.add(key)
+        self._online_queue.append((key, ev))
+        self._update_metrics()
+        self._wakeup.set()
+
+    # -- readers -------------------------------------------------------------------
+
+    def devices(self) -> list[DeviceState]:
+        """Every known device, sorted by key."""
+        return [
+            DeviceState(
+                key=key,
+                empresa=d.empresa,
+                sede=d.sede,
+                dispositivo=d.dispositivo,
+                state=d.state,
+                last_seen=d.last_seen,
+            )
+            for key, d in sorted(self._devices.items())
+        ]
+
+    # -- the task ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load persisted state, then declare silent devices offline and emit online
+        events until cancelled. Writes state at most once per check period, and once
+        more (shielded, bounded) on the way out."""
+        await self._store.load()
+        self._started_at = self._wall()
+        self._adopt_stored()
+        task_status.started()
+        log.info(
+            "watchdog running: %d devices known, timeout %.0fs", len(self._devices), self.timeout
+        )
+        last_flush = -math.inf
+        try:
+            while True:
+                await self._emit_online()
+                await self._expire()
+                now = self._wall()
+                if self._dirty and now - last_flush >= self.period:
+                    last_flush = now
+                    await self._flush()
+                await self._sleep_until_next()
+        finally:
+            with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
+                await self._flush()
+
+    def _adopt_stored(self) -> None:
+        for key, raw in self._store.data.items():
+            try:
+                stored = _decode(raw)
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring unreadable device state %r: %s", key, exc)
+                continue
+            dev = self._devices.get(key)
+            if dev is None:
+                self._devices[key] = _Device(
+                    stored.empresa, stored.sede, stored.dispositivo, stored.last_seen, stored.state
+                )
+            elif stored.state == "offline" and key not in self._pending:
+                # seen before the store was loaded, but it had been declared offline
+                self._queue_online(key, dev, dev.last_seen, stored.last_seen)
+        self._loaded = True
+        self._update_metrics()
+
+    def _deadline(self, dev: _Device) -> float:
+        start = self._started_at if self._started_at is not None else dev.last_seen
+        return max(dev.last_seen, start) + self.timeout
+
+    async def _emit_online(self) -> None:
+        while self._online_queue:
+            key, ev = self._online_queue[0]
+            await self._emit(ev)
+            del self._online_queue[0]
+            self._pending.discard(key)
+            log.info("device %s is back online", key)
+
+    async def _expire(self) -> None:
+        now = self._wall()
+        expired = [
+            key
+            for key, d in self._devices.items()
+            if d.state == "online" and key not in self._pending and self._deadline(d) <= now
+        ]
+        for key in expired:
+            dev = self._devices[key]
+            if dev.state != "online" or self._deadline(dev) > self._wall():
+                continue  # it talked while an earlier emit was blocked
+            silent_since = dev.last_seen
+            ev = self._event(dev, "offline", self._wall(), silent_since)
+            # offline before the await: a message arriving meanwhile queues "online"
+            dev.state = "offline"
+            self._pending.add(key)
+            self._dirty.add(key)
+            self._update_metrics()
+            await self._emit(ev)
+            self._pending.discard(key)
+            log.warning(
+                "device %s offline: silent since %s", key, now_rfc3339(int(silent_since * 1e9))
+            )
+
+    async def _sleep_until_next(self) -> None:
+        now = self._wall()
+        delay = self.period
+        for key, d in self._devices.items():
+            if d.state == "online" and key not in self._pending:
+                delay = min(delay, self._deadline(d) - now)
+        if self._online_queue:
+            return
+        self._wakeup = trio.Event()
+        with trio.move_on_after(max(delay, 0.0)):
+            await self._wakeup.wait()
+
+    async def _flush(self) -> None:
+        if not self._loaded:
+            return
+        for key in list(self._dirty):
+            if key in self._pending:
+                continue  # written once its event is out
+            dev = self._devices[key]
+            self._store.set(
+                key,
+                _encode(
+                    _Stored(
+                        last_seen=dev.last_seen,
+                        state=dev.state,
+                        empresa=dev.empresa,
+                        sede=dev.sede,
+                        dispositivo=dev.dispositivo,
+                    )
+                ),
+            )
+            self._dirty.discard(key)
+        await self._store.flush()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _event(self, dev: _Device, status: DeviceStatus, now: float, silent_since: float) -> Event:
+        """``silent_since`` is the last-seen time the silence started from: it is the
+        ``ultimo_visto`` of both events of one episode and the seed of their ids."""
+        key = f"{dev.empresa or '-'}/{dev.sede or '-'}/{dev.dispositivo or '-'}"
+        received_ns = int(now * 1e9)
+        obj: dict[str, str] = {"tipo_mensaje": "estado", "status": status, "empresa": dev.empresa}
+        if dev.sede:
+            obj["sede"] = dev.sede
+        if dev.dispositivo:
+            obj["dispositivo"] = dev.dispositivo
+        obj["ultimo_visto"] = now_rfc3339(int(silent_since * 1e9))
+        obj["timestamp"] = now_rfc3339(received_ns)
+        return synthetic(
+            obj,
+            origen="watchdog",
+            topic=WATCHDOG_TOPIC,
+            received_ns=received_ns,
+            empresa=dev.empresa,
+            sede=dev.sede,
+            dispositivo=dev.dispositivo,
+            event_id=stable_id("watchdog", key, status, repr(silent_since)),
+            detail={"status": status},
+        )
+
+    def _update_metrics(self) -> None:
+        if self._metrics is None:
+            return
+        online = sum(1 for d in self._devices.values() if d.state == "online")
+        self._metrics.devices.labels(state="online").set(online)
+        self._metrics.devices.labels(state="offline").set(len(self._devices) - online)

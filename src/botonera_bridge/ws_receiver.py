@@ -1,0 +1,438 @@
+"""Incoming WhatsApp messages: a WebSocket client of the gateway (WAHA or a plain relay).
+
+:func:`receive` keeps one connection open forever, reconnecting with backoff, and
+hands every accepted message to ``on_message`` in arrival order. :func:`parse_frame`
+turns one frame into an :class:`Inbound` (or ``None`` for frames that are not a
+message from a person). De-duplication by message id is the inbox's job.
+
+Frames accepted (DESIGN.md, "WhatsApp → Incoming"):
+
+- WAHA events ``{"event": "message", "payload": {"id", "from": "573…@c.us", "body",
+  "timestamp", "fromMe"}}``; ``fromMe: true`` and other events are ignored;
+- plain ``{"id", "from": "+573…", "body", "timestamp"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import msgspec
+import trio
+import trio_websocket
+
+from .errors import ConfigError, InvalidMessage
+from .health import Health
+from .ids import mask_phone
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+COMPONENT: Final = "websocket"
+FLAT_RETRIES: Final = 3  # failures retried every reconnect_delay before backing off
+MAX_DELAY: Final = 60.0  # seconds, backoff cap
+STABLE_AFTER: Final = 10.0  # seconds connected that count as a healthy connection
+CONNECT_TIMEOUT: Final = 10.0  # seconds for TCP + handshake
+DISCONNECT_TIMEOUT: Final = 5.0  # seconds for the closing handshake
+PING_INTERVAL: Final = 30.0  # seconds between keepalive pings
+PONG_TIMEOUT: Final = 10.0  # seconds to wait for the pong before reconnecting
+MAX_FRAME: Final = 1 << 20  # bytes; larger frames close the connection (1009)
+WARN_EVERY: Final = 10  # failed attempts between repeated WARNING lines
+
+_E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_PERSONAL_SUFFIXES: Final = ("@c.us", "@s.whatsapp.net")
+_NOT_A_PERSON: Final = ("@g.us", "@broadcast", "@newsletter")
+_frame_decoder: Final = msgspec.json.Decoder(dict[str, Any])
+
+# What a broken connection to the gateway looks like, from connect to close.
+_TRANSPORT_ERRORS: Final = (
+    OSError,
+    trio.BrokenResourceError,
+    trio_websocket.HandshakeError,
+    trio_websocket.ConnectionClosed,
+)
+
+
+class Inbound(msgspec.Struct, frozen=True):
+    """One WhatsApp message from a person."""
+
+    id: str
+    sender: str  # E.164, "+573001112233"
+    body: str
+    timestamp: int  # seconds since the epoch, as the gateway reported it
+
+
+# ---------------------------------------------------------------- frame parsing
+
+
+def parse_frame(data: str | bytes) -> Inbound | None:
+    """Decode one WebSocket frame.
+
+    Returns ``None`` for frames that are valid but not a message from a person
+    (``fromMe``, ``session.status`` and other events, group chats). Raises
+    :class:`InvalidMessage` (``reason``: ``invalid_json``, ``invalid_schema``,
+    ``missing_field``, ``invalid_sender``) for malformed frames. Details never hold
+    a full phone number.
+    """
+    try:
+        obj = _frame_decoder.decode(data)
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage("invalid_json", f"frame is not UTF-8: {exc.reason}") from exc
+    except RecursionError as exc:
+        raise InvalidMessage("invalid_json", "JSON nesting too deep") from exc
+    except msgspec.ValidationError as exc:
+        raise InvalidMessage("invalid_schema", "frame is not a JSON object") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage("invalid_json", str(exc)) from exc
+
+    if "event" in obj:
+        event = obj["event"]
+        if event != "message":
+            if not isinstance(event, str):
+                raise InvalidMessage("invalid_schema", "'event' must be a string")
+            return None  # session.status, message.ack, message.any, …
+        payload = obj.get("payload")
+        if not isinstance(payload, dict):
+            raise InvalidMessage("invalid_schema", "'payload' must be an object")
+        if payload.get("fromMe") is True:
+            return None
+    else:
+        payload = obj
+
+    sender = _sender(payload.get("from"))
+    if sender is None:
+        return None
+    return Inbound(
+        id=_message_id(payload.get("id")),
+        sender=sender,
+        body=_body(payload),
+        timestamp=_timestamp(payload.get("timestamp")),
+    )
+
+
+def _message_id(value: Any) -> str:
+    if isinstance(value, dict):  # some WAHA engines send {"_serialized": "..."}
+        value = value.get("_serialized")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidMessage("missing_field", "'id' is missing or not a string")
+    text = str(value).strip()
+    if not text or len(text) > 256:
+        raise InvalidMessage("missing_field", "'id' is empty or longer than 256 characters")
+    return text
+
+
+def _sender(value: Any) -> str | None:
+    """'573001112233@c.us' or '+573001112233' -> '+573001112233'; None for groups."""
+    if not isinstance(value, str) or not value:
+        raise InvalidMessage("missing_field", "'from' is missing or not a string")
+    raw = value.strip()
+    if raw.endswith(_NOT_A_PERSON) or raw.startswith("status@"):
+        return None
+    for suffix in _PERSONAL_SUFFIXES:
+        if raw.endswith(suffix):
+            raw = raw[: -len(suffix)].split(":", 1)[0]  # "57300…:12@s.whatsapp.net" (device)
+            break
+    number = raw if raw.startswith("+") else f"+{raw}"
+    if not _E164.match(number):
+        raise InvalidMessage("invalid_sender", f"'from' is not a phone number ({mask_phone(raw)})")
+    return number
+
+
+def _body(payload: dict[str, Any]) -> str:
+    if "body" not in payload:
+        raise InvalidMessage("missing_field", "'body' is missing")
+    body = payload["body"]
+    if body is None:  # media without caption
+        return ""
+    if not isinstance(body, str):
+        raise InvalidMessage("invalid_schema", "'body' must be a string")
+    return body
+
+
+def _timestamp(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage("missing_field", "'timestamp' is missing or not a number")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidMessage("invalid_schema", "'timestamp' must be a positive number")
+    seconds = int(value)
+    if seconds > 100_000_000_000:  # milliseconds (year > 5138 in seconds)
+        seconds //= 1000
+    return seconds
+
+
+# ---------------------------------------------------------------- reconnect policy
+
+
+class Backoff:
+    """Reconnect delays: ``base`` for the first :data:`FLAT_RETRIES` failures, then
+    exponential with full jitter above ``base``, capped at ``cap``.
+
+    ``failure()`` returns the next delay; ``reset()`` after a healthy connection.
+    """
+
+    def __init__(
+        self,
+        base: float,
+        *,
+        cap: float = MAX_DELAY,
+        flat: int = FLAT_RETRIES,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base = max(0.0, base)
+        self.cap = max(cap, self.base)
+        self.flat = flat
+        self.failures = 0
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> float:
+        self.failures += 1
+        if self.failures <= self.flat:
+            return self.base
+        exponent = min(self.failures - self.flat, 32)
+        ceiling = min(self.cap, max(self.base, 0.1) * 2.0**exponent)
+        return self._rng.uniform(self.base, ceiling)
+
+
+# ---------------------------------------------------------------- the receiver
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials or query (WAHA puts its API key in the query)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid websocket.url: {exc}", key="websocket.url") from exc
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(
+            f"websocket.url must be ws:// or wss://host..., not {safe_url(url)!r}",
+            key="websocket.url",
+        )
+
+
+async def receive(
+    url: str,
+    reconnect_delay: float,
+    on_message: Callable[[Inbound], Awaitable[None]],
+    *,
+    health: Health | None = None,
+    metrics: Metrics | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Receive messages from the gateway forever.
+
+    Reports ready at once (a gateway that is down must not block start-up); the
+    connection state goes to ``health`` as component ``websocket``. Raises
+    :class:`ConfigError` before reporting ready when ``url`` is not a ws(s) URL.
+    Exceptions raised by ``on_message`` propagate (they are bugs, not outages).
+    """
+    _check_url(url)
+    where = safe_url(url)
+    backoff = Backoff(reconnect_delay)
+    if health is not None:
+        health.set(COMPONENT, False, "connecting to gateway")
+    task_status.started()
+    while True:
+        session = _Session(where, on_message, metrics)
+        try:
+            await session.run(url, health)
+            reason = session.end_reason or "connection closed"
+        except _TRANSPORT_ERRORS as exc:
+            reason = session.end_reason or _describe(exc)
+        healthy = session.frames > 0 or (
+            session.connected_at is not None
+            and trio.current_time() - session.connected_at >= STABLE_AFTER
+        )
+        if healthy:
+            backoff.reset()
+        delay = backoff.failure()
+        if health is not None:
+            health.set(COMPONENT, False, reason)
+        if session.connected_at is not None:
+            log.warning("gateway %s disconnected (%s); reconnecting in %.1fs", where, reason, delay)
+        elif backoff.failures == 1 or backoff.failures % WARN_EVERY == 0:
+            log.warning(
+                "cannot connect to gateway %s (%s), attempt %d; retrying in %.1fs",
+                where, reason, backoff.failures, delay,
+            )
+        else:
+            log.debug("gateway %s still unreachable (%s); retrying in %.1fs", where, reason, delay)
+        await trio.sleep(delay)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"rejected with HTTP {exc.status_code}"
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return "connect timed out"
+    if isinstance(exc, trio_websocket.DisconnectionTimeout):
+        return "close timed out"
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        return f"closed ({exc.reason.code if exc.reason else '?'})"
+    cause = exc.__cause__ or exc
+    text = str(cause) or type(cause).__name__
+    return text[:200]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What one session's nursery raised, as the single exception that matters.
+
+    A group holding ``Cancelled`` stays a group, minus transport errors (trio strips
+    the ``Cancelled`` where it belongs); otherwise the first error that is not a
+    transport error (a bug, e.g. in ``on_message``) wins over transport errors.
+    """
+    leaves = _leaves(group)
+    if any(isinstance(e, trio.Cancelled) for e in leaves):
+        _, rest = group.split(_TRANSPORT_ERRORS)  # a dying socket during shutdown is no news
+        return rest if rest is not None else group
+    bugs = [e for e in leaves if not isinstance(e, _TRANSPORT_ERRORS)]
+    return (bugs or leaves)[0]
+
+
+class _Session:
+    """One connection: read frames until the gateway goes away."""
+
+    def __init__(
+        self,
+        where: str,
+        on_message: Callable[[Inbound], Awaitable[None]],
+        metrics: Metrics | None,
+    ) -> None:
+        self.where = where
+        self.on_message = on_message
+        self.metrics = metrics
+        self.connected_at: float | None = None
+        self.frames = 0  # well-formed frames received
+        self.calls = 0  # on_message calls started
+        self.busy = False  # inside on_message
+        self.end_reason = ""
+
+    async def run(self, url: str, health: Health | None) -> None:
+        """Connect, read until the connection ends, close. Transport failures raise
+        one of ``_TRANSPORT_ERRORS``; the TCP stream is always closed on the way out.
+
+        The stream is opened here rather than by ``open_websocket_url``: trio-websocket
+        0.12 leaks the socket when the handshake is rejected or the peer drops the
+        TCP connection without a closing handshake (one fd per reconnect attempt).
+        """
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host_header = host if port in (80, 443) else f"{host}:{port}"
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+        with trio.move_on_after(CONNECT_TIMEOUT) as connect_scope:
+            if secure:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+                )
+            else:
+                stream = await trio.open_tcp_stream(host, port)
+        if connect_scope.cancelled_caught:
+            raise trio_websocket.ConnectionTimeout
+        async with stream:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self._session(nursery, stream, host_header, resource, health)
+                    nursery.cancel_scope.cancel()  # the library's reader task
+            except BaseExceptionGroup as group:
+                raise _unwrap(group) from None
+
+    async def _session(
+        self,
+        nursery: trio.Nursery,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        host_header: str,
+        resource: str,
+        health: Health | None,
+    ) -> None:
+        with trio.move_on_after(CONNECT_TIMEOUT) as handshake_scope:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, host_header, resource, max_message_size=MAX_FRAME
+            )
+        if handshake_scope.cancelled_caught:
+            raise trio_websocket.ConnectionTimeout
+        self.connected_at = trio.current_time()
+        if health is not None:
+            health.set(COMPONENT, True)
+        log.info("connected to gateway %s", self.where)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(self._keepalive, ws, scope)
+                await self._read(ws)
+                inner.cancel_scope.cancel()
+        # A normal end: say goodbye if the socket is still open. When cancelled or
+        # failing, the caller closes the TCP stream without ceremony.
+        with trio.move_on_after(DISCONNECT_TIMEOUT):
+            await ws.aclose()
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            try:
+                data = await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                self.end_reason = _describe(exc)
+                return
+            try:
+                msg = parse_frame(data)
+            except InvalidMessage as exc:
+                if self.metrics is not None:
+                    self.metrics.invalid_frames.inc()
+                log.warning("malformed frame from gateway %s: %s", self.where, exc)
+                continue
+            self.frames += 1  # a well-formed frame: the gateway is healthy
+            if msg is None:
+                continue
+            self.busy, self.calls = True, self.calls + 1
+            try:
+                await self.on_message(msg)
+            finally:
+                self.busy = False
+
+    async def _keepalive(
+        self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope
+    ) -> None:
+        """Detect a half-open connection: no pong within PONG_TIMEOUT ends the session.
+
+        While ``on_message`` is running the library's one-message queue may be full,
+        which holds pongs back too; such a round is inconclusive, not a failure.
+        """
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            if self.busy:
+                continue
+            frames, calls = self.frames, self.calls
+            with trio.move_on_after(PONG_TIMEOUT) as ping_scope:
+                try:
+                    await ws.ping()
+                except _TRANSPORT_ERRORS:
+                    return  # the reader sees the closed connection too
+            alive = self.busy or frames != self.frames or calls != self.calls
+            if ping_scope.cancelled_caught and not alive:
+                self.end_reason = f"no pong within {PONG_TIMEOUT:g}s"
+                scope.cancel()
+                return

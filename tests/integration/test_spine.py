@@ -1,0 +1,225 @@
+"""The spine end to end: real mosquitto, real reference backend, the bridge as a process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.support.bridge import ROOT, BridgeProc, Publisher, wait_until
+
+SAMPLES = (ROOT.parent / "shared" / "samples" / "botonera.jsonl")
+SAMPLE_LINES = [
+    b'{"tipo_mensaje": "semaforos", "tipo_alarma": "AZUL", "empresa": "cota"}',
+    b'{"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "Fallo en sistema"}',
+    b'{"tipo_mensaje": "estado", "status": "online", "timestamp": "2024-01-01T12:00:00"}',
+    b'{"tipo_mensaje": "configuracion", "parametros": {"intervalo": 30, "modo": "automatico"}}',
+    b'{"tipo_mensaje": "heartbeat", "timestamp": "2024-01-01T12:00:00"}',
+]
+
+
+@pytest.fixture
+def bridge_factory(mosquitto, backend):
+    made: list[BridgeProc] = []
+
+    def make(**kw):
+        kw.setdefault("mqtt_port", mosquitto.port)
+        kw.setdefault("backend_url", backend.url)
+        b = BridgeProc(**kw)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.cleanup()
+
+
+@pytest.fixture
+def publisher(mosquitto):
+    p = Publisher(mosquitto.port)
+    yield p
+    p.close()
+
+
+def check_samples(backend, publisher) -> None:
+    for line in SAMPLE_LINES:
+        publisher.publish(line)
+    posts = wait_until(
+        lambda: [r for r in backend.requests() if r["status"] < 300] if len(backend.requests()) >= 4 else None,
+        15,
+        "4 backend POSTs",
+    )
+    time.sleep(1.0)  # nothing more may arrive (the heartbeat is not forwarded)
+    posts = backend.requests()
+    assert len(posts) == 4, posts
+    originals = [json.loads(x) for x in SAMPLE_LINES[:4]]
+    # different empresas travel in parallel lanes: match by tipo, not arrival order
+    bodies = sorted((dict(p["payload"]) for p in posts), key=lambda b: b["tipo_mensaje"])
+    originals.sort(key=lambda b: b["tipo_mensaje"])
+    for original, body in zip(originals, bodies, strict=True):
+        bridge = body.pop("_bridge")
+        assert body == original  # unchanged, field for field
+        assert set(bridge) >= {"id", "topic", "recibido_en", "origen"}
+        assert bridge["topic"] == "empresas"
+        assert bridge["origen"] == "mqtt"
+        assert bridge["recibido_en"].endswith("Z")
+    for post in posts:
+        assert post["idempotency_key"] == post["payload"]["_bridge"]["id"]
+        assert post["content_type"] == "application/json"
+        assert post["user_agent"].startswith("botonera-bridge/")
+
+
+def test_samples_reach_backend(bridge_factory, backend, publisher):
+    assert [ln.strip() for ln in SAMPLES.read_bytes().splitlines() if ln.strip()] == SAMPLE_LINES
+    bridge_factory().start()
+    check_samples(backend, publisher)
+
+
+def test_backend_outage_then_all_delivered_in_order(bridge_factory, backend, publisher, redis_server):
+    bridge_factory(redis_url=redis_server.url).start()
+    backend.fault(status=503, seconds=15)
+    empresas = ["cota", "tocancipa", "funza", "madrid"]
+    msgs = [
+        {"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": f"n{i}", "empresa": empresas[i % 4], "seq": i}
+        for i in range(200)
+    ]
+    publisher.publish_all(msgs)
+    alerts = wait_until(lambda: len(backend.alerts()) >= 200 and backend.alerts(), 60, "200 alerts")
+    seqs = [a["payload"]["seq"] for a in alerts]
+    assert sorted(seqs) == list(range(200))
+    for e in empresas:
+        mine = [a["payload"]["seq"] for a in alerts if a["empresa"] == e]
+        assert mine == sorted(mine), f"order broken for {e}"
+    # every attempt for one event reused the same key
+    by_seq: dict[int, set[str]] = {}
+    for r in backend.requests():
+        by_seq.setdefault(r["payload"]["seq"], set()).add(r["idempotency_key"])
+    assert all(len(keys) == 1 for keys in by_seq.values())
+    assert any(r["status"] == 503 for r in backend.requests())
+
+
+BAD_INPUTS = [
+    ("invalid_json", b'{"tipo_mensaje": "alarmas", '),
+    ("invalid_schema", b'[1, 2, 3]'),
+    ("unknown_tipo", b'{"tipo_mensaje": "bogus", "empresa": "cota"}'),
+    # 100,000-deep is 200 KB: over max_payload before any parsing
+    ("too_large", b'{"tipo_mensaje": "alarmas", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    # 30,000-deep fits in 64 KiB and reaches the decoder, which must refuse it cleanly
+    ("too_deep", b'{"tipo_mensaje": "alarmas", "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"),
+    ("too_large", b'{"tipo_mensaje": "alarmas", "descripcion": "' + b"x" * (1 << 20) + b'"}'),
+    ("invalid_utf8", b'{"tipo_mensaje": "alarmas", "descripcion": "\xff\xfe"}'),
+    ("invalid_identifier", b'{"tipo_mensaje": "alarmas", "empresa": "co#ta"}'),
+]
+
+
+def test_bad_input_dead_lettered_counted_and_next_alarm_flows(bridge_factory, backend, publisher, redis_server):
+    bridge = bridge_factory(redis_url=redis_server.url).start()
+    backend.fault(status=422, empresa="funza", count=1)
+    pid = bridge.pid
+    for _, payload in BAD_INPUTS:
+        publisher.publish(payload)
+    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "X", "descripcion": "rechazada", "empresa": "funza"})
+    t0 = time.monotonic()
+    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "ok", "empresa": "cota"})
+    wait_until(lambda: any(a["payload"].get("descripcion") == "ok" for a in backend.alerts()), 10, "valid alarm")
+    assert time.monotonic() - t0 < 1.0 + 0.5  # publish-to-stored, including polling slack
+    assert bridge.running() and bridge.pid == pid
+    n = len(BAD_INPUTS) + 1
+    entries = wait_until(lambda: d if len(d := dead_letters(bridge)) >= n else None, 10, f"{n} dead letters")
+    reasons = {e["reason"] for e in entries}
+    assert {r for r, _ in BAD_INPUTS} <= reasons
+    assert "backend_422" in reasons
+    code, body = bridge.http("/metrics")
+    text = body.decode()
+    for reason in {r for r, _ in BAD_INPUTS}:
+        count = sum(1 for r, _ in BAD_INPUTS if r == reason)
+        assert f'botonera_dead_letters_total{{reason="{reason}"}} {count}.0' in text
+    log = bridge.log_text()
+    for reason, _ in BAD_INPUTS:
+        assert reason in log
+
+
+def test_check_config(bridge_factory, tmp_path, mosquitto):
+    bridge = bridge_factory()
+    ok = bridge.cli("check-config", "--offline")
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mqtt]\nbroker = "x"\nbrokr = "typo"\n')
+    res = subprocess.run([*bridge.argv, "check-config", "--config", str(bad)], capture_output=True, text=True, env=bridge.env)
+    assert res.returncode == 2
+    assert "mqtt.brokr" in res.stderr and str(bad) in res.stderr
+    canary = "CANARY-s3cr3t-Pw"
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[mqtt]\nbroker = "127.0.0.1"\nport = 1\npassword = "{canary}"\n[backend]\ntoken = "{canary}"\n[redis]\nurl = ""\n[websocket]\nurl = ""\n')
+    res = subprocess.run([*bridge.argv, "check-config", "--config", str(conf)], capture_output=True, text=True, env=bridge.env, timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "✗ broker MQTT" in res.stdout
+    assert "✓" in res.stdout
+    assert canary not in res.stdout + res.stderr
+    good = subprocess.run([*bridge.argv, "check-config", "--config", str(bridge.config)], capture_output=True, text=True, env=bridge.env, timeout=60)
+    assert "✓ broker MQTT" in good.stdout, good.stdout
+    env_secret = subprocess.run([*bridge.argv, "check-config", "--offline", "--config", str(bridge.config)], capture_output=True, text=True, env={**bridge.env, "MQTT_PASSWORD": canary}, timeout=60)
+    assert env_secret.returncode == 0 and canary not in env_secret.stdout + env_secret.stderr
+
+
+def test_send_test_ok_and_bridge_down(bridge_factory, redis_server):
+    bridge = bridge_factory(redis_url=redis_server.url).start()
+    res = bridge.cli("send-test", "--empresa", "cota", "--timeout", "20")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK" in res.stdout
+    quiet = bridge.cli("send-test", "--empresa", "cota", "--quiet", "--timeout", "20")
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    bridge.terminate()
+    t0 = time.monotonic()
+    down = bridge.cli("send-test", "--empresa", "cota", "--timeout", "3")
+    assert down.returncode == 1
+    assert time.monotonic() - t0 < 3 + 5
+    assert "bridge down" in down.stderr
+
+
+def test_send_test_broker_unreachable(bridge_factory, mosquitto):
+    bridge = bridge_factory()
+    mosquitto.kill()
+    res = bridge.cli("send-test", "--empresa", "cota", "--timeout", "3")
+    assert res.returncode == 1
+    assert "broker unreachable" in res.stderr
+
+
+def test_sigterm_under_load_exits_0_and_loses_nothing(bridge_factory, backend, publisher, redis_server):
+    bridge = bridge_factory(redis_url=redis_server.url).start()
+    backend.fault(delay=0.01)
+    msgs = [{"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota", "seq": i} for i in range(1000)]
+    for m in msgs:
+        publisher.publish(m)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert bridge.terminate(timeout=20) == 0
+    assert time.monotonic() - t0 < 15
+    backend.clear_fault()
+    bridge.start()
+    wait_until(lambda: {a["payload"]["seq"] for a in backend.alerts()} >= set(range(1000)), 60, "all 1000 seqs")
+
+
+def test_log_lines_carry_event_fields(bridge_factory, publisher, backend):
+    bridge = bridge_factory(conf={"log": {"format": "json"}}).start()
+    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "empresa": "cota", "id": "abc"})
+    wait_until(lambda: backend.alerts(), 10, "alert")
+    lines = [json.loads(ln) for ln in bridge.log_text().splitlines() if ln.startswith("{")]
+    delivered = [ln for ln in lines if "delivered to backend" in ln["msg"]]
+    assert delivered and "empresa=cota" in delivered[0]["msg"] and "tipo=alarmas" in delivered[0]["msg"]
+
+
+def test_sigint_is_clean_too(bridge_factory):
+    bridge = bridge_factory().start()
+    assert bridge.proc is not None
+    bridge.proc.send_signal(signal.SIGINT)
+    assert bridge.proc.wait(20) == 0
+
+
+def dead_letters(bridge: BridgeProc) -> list[dict]:
+    out = bridge.cli("dead-letters", "list", "--json", "--limit", "100")
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]

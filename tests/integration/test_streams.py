@@ -1,0 +1,170 @@
+"""DurableStream against a real redis-server: groups, fallback, recovery, NOGROUP, trim."""
+
+from __future__ import annotations
+
+import trio
+
+from botonera_bridge.metrics import Metrics
+from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.redis_client import open_redis
+from botonera_bridge.queues.streams import DurableStream
+
+GROUPS = ("a", "b")
+
+
+async def _stream(redis, **kw):
+    link = RedisLink(redis, metrics=Metrics())
+    stream = DurableStream(link, "t:stream", GROUPS, consumer="c1", memory_limit=kw.pop("memory_limit", 100), **kw)
+    return link, stream
+
+
+async def _drain(stream, group, n, timeout=10):
+    got = []
+    with trio.fail_after(timeout):
+        while len(got) < n:
+            items = await stream.read(group, n - len(got), block_ms=100)
+            got += items
+    return got
+
+
+async def test_append_read_ack_groups_independent(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        assert link.up
+        receipts = await stream.append([(f"m{i}".encode(), "") for i in range(50)])
+        assert all(r.safe for r in receipts)
+        a = await _drain(stream, "a", 50)
+        assert [i.data for i in a] == [f"m{i}".encode() for i in range(50)]
+        await stream.ack("a", [i.id for i in a])
+        assert await stream.depth("a") == 0
+        assert await stream.depth("b") == 50
+        b = await _drain(stream, "b", 50)
+        assert [i.data for i in b] == [i.data for i in a]
+        n.cancel_scope.cancel()
+
+
+async def test_dedup_key_drops_second_copy(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis, dedup_prefix="t:seen:")
+        await n.start(link.run)
+        await stream.append([(b"x", "k1"), (b"y", "k2")])
+        # a fresh stream object (as after a restart) still sees the Redis-side key
+        stream2 = DurableStream(link, "t:stream", GROUPS, consumer="c2", memory_limit=10, dedup_prefix="t:seen:")
+        await stream2.append([(b"x-again", "k1"), (b"z", "")])
+        got = await _drain(stream, "a", 3)
+        assert [i.data for i in got] == [b"x", b"y", b"z"]
+        n.cancel_scope.cancel()
+
+
+async def test_memory_fallback_and_recovery_in_order(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        await stream.append([(b"before", "")])
+        redis_server.kill()
+        receipts = await stream.append([(f"mem{i}".encode(), "") for i in range(5)])
+        assert not link.up
+        assert not any(r.safe for r in receipts)
+        # group a delivers two of them from memory while Redis is away
+        got = await _drain(stream, "a", 2)
+        assert [i.data for i in got] == [b"mem0", b"mem1"]
+        await stream.ack("a", [i.id for i in got])
+        assert not receipts[0].safe  # b has not finished it
+        redis_server.start()
+        with trio.fail_after(15):
+            while not link.up:
+                await trio.sleep(0.05)
+        assert all(r.safe for r in receipts)  # moved into the stream: safe
+        rest_a = await _drain(stream, "a", 2)  # "before" and mem2.. for a
+        assert rest_a[0].data == b"before"
+        more = rest_a[1:] + await _drain(stream, "a", 3 - len(rest_a[1:]))
+        assert [i.data for i in more] == [b"mem2", b"mem3", b"mem4"]
+        b = await _drain(stream, "b", 6)
+        assert [i.data for i in b] == [b"before"] + [f"mem{i}".encode() for i in range(5)]
+        n.cancel_scope.cancel()
+
+
+async def test_memory_full_blocks_append_until_space(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis, memory_limit=3)
+        await n.start(link.run)
+        redis_server.kill()
+        await stream.append([(b"1", ""), (b"2", ""), (b"3", "")])
+        done = trio.Event()
+
+        async def fourth():
+            await stream.append([(b"4", "")])
+            done.set()
+
+        n.start_soon(fourth)
+        await trio.sleep(0.3)
+        assert not done.is_set()
+        for g in GROUPS:
+            got = await _drain(stream, g, 1)
+            await stream.ack(g, [got[0].id])
+        with trio.fail_after(5):
+            await done.wait()
+        n.cancel_scope.cancel()
+
+
+async def test_nogroup_after_empty_restart_recreates(redis_server, caplog):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        await stream.append([(b"old", "")])
+        redis_server.kill()
+        redis_server.wipe()
+        redis_server.start()
+        with trio.fail_after(15):
+            while True:
+                try:
+                    await stream.append([(b"new", "")])
+                    if link.up:
+                        break
+                except Exception:
+                    pass
+                await trio.sleep(0.1)
+        got = await _drain(stream, "a", 1)
+        assert got[-1].data == b"new"
+        assert "possible data loss" in caplog.text
+        n.cancel_scope.cancel()
+
+
+async def test_trim_keeps_unacknowledged(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        await stream.append([(f"{i}".encode(), "") for i in range(10)])
+        a = await _drain(stream, "a", 10)
+        await stream.ack("a", [i.id for i in a])
+        b = await _drain(stream, "b", 10)
+        await stream.ack("b", [i.id for i in b[:4]])
+        await stream.maintain()
+        left = await redis.execute("XLEN", "t:stream")
+        assert 6 <= left < 10
+        rng = await redis.execute("XRANGE", "t:stream", "-", "+")
+        assert {e[0].decode() for e in rng} >= {i.id for i in b[4:]}
+        n.cancel_scope.cancel()
+
+
+async def test_reclaim_from_dead_consumer_and_own_pending(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, s1 = await _stream(redis)
+        await n.start(link.run)
+        await s1.append([(b"p1", ""), (b"p2", "")])
+        taken = await _drain(s1, "a", 2)
+        assert len(taken) == 2  # c1 dies without acking
+        # same consumer name after a restart: its own pending entries come first
+        link2 = RedisLink(redis)
+        await link2.connect()
+        same = DurableStream(link2, "t:stream", GROUPS, consumer="c1", memory_limit=10)
+        again = await _drain(same, "a", 2)
+        assert [i.data for i in again] == [b"p1", b"p2"]
+        # another replica reclaims what an idle consumer holds
+        other = DurableStream(link2, "t:stream", GROUPS, consumer="c2", memory_limit=10, reclaim_idle_ms=100)
+        await trio.sleep(0.3)
+        await other.maintain()
+        got = await _drain(other, "a", 2)
+        assert sorted(i.data for i in got) == [b"p1", b"p2"]
+        n.cancel_scope.cancel()

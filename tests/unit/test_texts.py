@@ -1,0 +1,158 @@
+"""WhatsApp texts: every kind, Bogota time, unknown empresas, counts, masking."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import pytest
+
+from botonera_bridge import texts
+from botonera_bridge.config import Empresa
+from botonera_bridge.ids import mask_phone
+from botonera_bridge.messages import Event
+from botonera_bridge.whatsapp_api import LogSender
+
+# 2024-05-02 19:32:10 UTC == 14:32 in Bogota (UTC-5, no DST)
+T_NS = int(dt.datetime(2024, 5, 2, 19, 32, 10, tzinfo=dt.UTC).timestamp() * 1e9)
+COTA = Empresa(id="cota", nombre="Cota", contactos=("+573001112233",))
+TOCANCIPA = Empresa(id="tocancipa", nombre="Tocancipá")
+
+
+def ev(tipo: str, **kw: object) -> Event:
+    base: dict[str, object] = {
+        "id": "e1",
+        "tipo": tipo,
+        "empresa": "cota",
+        "sede": "principal",
+        "dispositivo": "",
+        "topic": "empresas/cota",
+        "recibido_en": "",
+        "origen": "mqtt",
+        "payload": b"{}",
+        "received_ns": T_NS,
+    }
+    base.update(kw)
+    return Event(**base)  # type: ignore[arg-type]
+
+
+def test_alarm_text_matches_design_example():
+    e = ev("alarmas", detail={"tipo_alarma": "CRITICA", "descripcion": "Fallo en sistema"})
+    assert texts.event_text(e, COTA) == (
+        "🚨 ALARMA CRITICA — Cota (sede principal): Fallo en sistema · 14:32"
+    )
+
+
+def test_alarm_without_description_or_sede():
+    e = ev("alarmas", sede="", detail={"tipo_alarma": "CRITICA", "descripcion": ""})
+    assert texts.event_text(e, COTA) == "🚨 ALARMA CRITICA — Cota: sin descripción · 14:32"
+
+
+def test_display_name_with_accent():
+    e = ev("alarmas", empresa="tocancipa", sede="", detail={"tipo_alarma": "", "descripcion": "x"})
+    assert texts.event_text(e, TOCANCIPA) == "🚨 ALARMA — Tocancipá: x · 14:32"
+
+
+@pytest.mark.parametrize(
+    ("colour", "expected"),
+    [
+        ("VERDE", "🟢 SEMÁFORO VERDE — Cota (sede principal): normal · 14:32"),
+        ("amarillo", "🟡 SEMÁFORO AMARILLO — Cota (sede principal): precaución · 14:32"),
+        ("NARANJA", "🟠 SEMÁFORO NARANJA — Cota (sede principal): alerta · 14:32"),
+        ("Rojo", "🔴 SEMÁFORO ROJO — Cota (sede principal): emergencia · 14:32"),
+        (
+            "AZUL",
+            "🔵 SEMÁFORO AZUL — Cota (sede principal): código azul — emergencia médica · 14:32",
+        ),
+        ("MORADO", "🚦 SEMÁFORO MORADO — Cota (sede principal) · 14:32"),
+    ],
+)
+def test_semaforo_colours(colour, expected):
+    assert texts.event_text(ev("semaforos", detail={"tipo_alarma": colour}), COTA) == expected
+
+
+def test_watchdog_offline_and_online():
+    off = ev("estado", origen="watchdog", dispositivo="btn_1", detail={"status": "offline"})
+    on = ev("estado", origen="watchdog", dispositivo="btn_1", detail={"status": "online"})
+    assert texts.event_text(off, COTA) == (
+        "📴 PANEL SIN CONEXIÓN — Cota (sede principal, panel btn 1): sin señal del panel · 14:32"
+    )
+    assert texts.event_text(on, COTA).startswith("✅ PANEL EN LÍNEA — Cota (sede principal")
+
+
+def test_prueba_is_marked():
+    e = ev("alarmas", prueba=True, detail={"tipo_alarma": "CRITICA", "descripcion": "x"})
+    assert texts.event_text(e, COTA).startswith("[PRUEBA] 🚨 ALARMA CRITICA — Cota")
+    assert texts.template_params(e, COTA)[1] == "[PRUEBA] ALARMA CRITICA"
+
+
+def test_unknown_and_missing_empresa():
+    e = ev("alarmas", empresa="chia", detail={"tipo_alarma": "CRITICA", "descripcion": "x"})
+    assert "empresa «chia» (no configurada)" in texts.event_text(e, None)
+    e2 = ev("alarmas", empresa="", sede="", detail={"tipo_alarma": "CRITICA", "descripcion": "x"})
+    assert "empresa sin identificar" in texts.event_text(e2, None)
+
+
+def test_count_suffix_and_escalation_prefix():
+    e = ev("alarmas", detail={"tipo_alarma": "CRITICA", "descripcion": "Fallo"})
+    assert texts.event_text(e, COTA, count=10, span_seconds=0.4) == (
+        "🚨 ALARMA CRITICA — Cota (sede principal): Fallo (×10 en 1 min) · 14:32"
+    )
+    assert texts.count_suffix(1, 0) == ""
+    assert texts.count_suffix(3, 61) == "(×3 en 2 min)"
+    assert texts.event_text(e, COTA, escalation=(2, 3)).startswith(
+        "⚠️ SIN ATENDER (aviso 2/3) 🚨 ALARMA CRITICA"
+    )
+
+
+def test_summary_text():
+    e = ev("alarmas", detail={"tipo_alarma": "CRITICA", "descripcion": "Fallo"})
+    later = T_NS + 60 * 10**9
+    assert texts.summary_text(e, COTA, 4, last_ns=later) == (
+        "🔁 ALARMA CRITICA — Cota (sede principal): Fallo · se repitió 4 veces más (hasta 14:33)"
+    )
+    assert "se repitió 1 vez más" in texts.summary_text(e, COTA, 1, last_ns=later)
+
+
+def test_template_params():
+    e = ev("alarmas", detail={"tipo_alarma": "CRITICA", "descripcion": "Fallo"})
+    assert texts.template_params(e, COTA) == (
+        "Cota (sede principal)",
+        "ALARMA CRITICA",
+        "Fallo · 14:32",
+    )
+    assert texts.template_params(e, COTA, count=3)[2] == "Fallo (×3 en 1 min) · 14:32"
+
+
+def test_bogota_time_across_midnight_utc():
+    # 03:05 UTC is 22:05 the previous day in Bogota
+    ns = int(dt.datetime(2024, 1, 1, 3, 5, tzinfo=dt.UTC).timestamp() * 1e9)
+    assert texts.clock_time(ns) == "22:05"
+    assert texts.TZ.utcoffset(dt.datetime(2024, 7, 1)) == dt.timedelta(hours=-5)
+
+
+@pytest.mark.parametrize(
+    ("tipo", "origen", "status", "prueba", "expected"),
+    [
+        ("alarmas", "mqtt", "", False, True),
+        ("semaforos", "mqtt", "", False, True),
+        ("estado", "watchdog", "offline", False, True),
+        ("estado", "watchdog", "online", False, True),
+        ("estado", "mqtt", "offline", False, True),
+        ("estado", "mqtt", "online", False, False),
+        ("configuracion", "mqtt", "", False, False),
+        ("heartbeat", "mqtt", "", False, False),
+        ("heartbeat", "mqtt", "", True, True),
+    ],
+)
+def test_which_events_notify(tipo, origen, status, prueba, expected):
+    e = ev(tipo, origen=origen, prueba=prueba, detail={"status": status} if status else {})
+    assert texts.notifies(e) is expected
+
+
+async def test_log_sender_masks_number(caplog):
+    caplog.set_level(logging.INFO, logger="botonera_bridge.whatsapp")
+    await LogSender().send_text("+573001112233", "hola")
+    assert "573001112233" not in caplog.text
+    assert f"WhatsApp → {mask_phone('+573001112233')}: hola" in caplog.text
+    assert mask_phone("+573001112233") == "+57******2233"

@@ -1,0 +1,405 @@
+"""WhatsAppSink under autojump_clock: exact virtual times for spacing, rate, coalescing, retries."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
+
+import pytest
+import trio
+
+from botonera_bridge.config import Settings, from_mapping
+from botonera_bridge.errors import PermanentDelivery, TransientDelivery
+from botonera_bridge.messages import Event
+from botonera_bridge.metrics import Metrics
+from botonera_bridge.sinks.whatsapp import GATHER_DELAY, WhatsAppSink
+from botonera_bridge.whatsapp_api import WhatsAppRejected
+
+A = "+573001112233"
+B = "+573004445566"
+C = "+573007778899"
+CENTRAL = "+573000000001"
+
+
+class Entry(NamedTuple):
+    id: str
+    event: Event
+
+
+class FakeDelivery:
+    """In-memory Delivery recording acks and dead letters with their virtual times."""
+
+    def __init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[Entry](math.inf)
+        self.n = 0
+        self.read_total = 0
+        self.acked: list[tuple[str, str, float]] = []  # (entry id, outcome, time)
+        self.dead: list[tuple[str, str, str, float]] = []  # (entry id, reason, detail, time)
+        self.changed = trio.Event()
+
+    def put(self, event: Event) -> Entry:
+        self.n += 1
+        entry = Entry(f"m-{self.n}", event)
+        self._send.send_nowait(entry)
+        return entry
+
+    async def read(self, count: int) -> list[Entry]:
+        out = [await self._recv.receive()]
+        while len(out) < count:
+            try:
+                out.append(self._recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        self.read_total += len(out)
+        return out
+
+    async def ack(self, entries: Any, outcome: str = "ok") -> None:
+        await trio.lowlevel.checkpoint()
+        now = trio.current_time()
+        self.acked.extend((e.id, outcome, now) for e in entries)
+        self.changed.set()
+
+    async def dead_letter(self, entry: Entry, reason: str, detail: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.dead.append((entry.id, reason, detail, trio.current_time()))
+        self.changed.set()
+
+    def done(self) -> int:
+        return len(self.acked) + len(self.dead)
+
+    def close(self) -> None:
+        self._send.close()
+        self._recv.close()
+
+
+class Call(NamedTuple):
+    at: float
+    to: str
+    text: str
+    params: tuple[str, str, str] | None
+
+
+class RecordingSender:
+    """Records calls; ``script[number]`` lists exceptions to raise on that number's next calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.script: dict[str, list[Exception]] = {}
+        self.always: dict[str, Callable[[], Exception]] = {}
+
+    async def send_text(
+        self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(Call(trio.current_time(), to, text, template_params))
+        if to in self.always:
+            raise self.always[to]()
+        pending = self.script.get(to)
+        if pending:
+            raise pending.pop(0)
+
+    def to(self, number: str) -> list[Call]:
+        return [c for c in self.calls if c.to == number]
+
+
+def settings(*, empresas: list[dict[str, Any]] | None = None, **wa: Any) -> Settings:
+    return from_mapping(
+        {
+            "central": [CENTRAL],
+            "empresas": empresas
+            if empresas is not None
+            else [{"id": "cota", "nombre": "Cota", "contactos": [A]}],
+            "whatsapp": wa,
+        }
+    )
+
+
+_seq = 0
+
+
+def alarm(
+    empresa: str = "cota", desc: str = "Fallo en sistema", tipo_alarma: str = "CRITICA", **kw: Any
+) -> Event:
+    global _seq
+    _seq += 1
+    fields: dict[str, Any] = {
+        "id": f"ev-{_seq}",
+        "tipo": "alarmas",
+        "empresa": empresa,
+        "sede": "principal",
+        "dispositivo": "",
+        "topic": f"empresas/{empresa}",
+        "recibido_en": "",
+        "origen": "mqtt",
+        "payload": b"{}",
+        "received_ns": 1_714_678_330 * 10**9,
+        "detail": {"tipo_alarma": tipo_alarma, "descripcion": desc},
+    }
+    fields.update(kw)
+    return Event(**fields)
+
+
+class Harness(NamedTuple):
+    sink: WhatsAppSink
+    delivery: FakeDelivery
+    sender: RecordingSender
+    t0: float
+    notified: list[Event]
+    metrics: Metrics
+
+
+@asynccontextmanager
+async def running(s: Settings, **kw: Any) -> AsyncIterator[Harness]:
+    sender = RecordingSender()
+    delivery = FakeDelivery()
+    notified: list[Event] = []
+    metrics = Metrics()
+    sink = WhatsAppSink(
+        s, sender, metrics=metrics, on_notified=notified.append, rng=random.Random(7), **kw
+    )
+    with trio.fail_after(3600):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run, delivery)
+            yield Harness(sink, delivery, sender, trio.current_time(), notified, metrics)
+            nursery.cancel_scope.cancel()
+    delivery.close()
+
+
+async def until_done(h: Harness, n: int) -> None:
+    """Wait (on virtual time) until n entries were acked or dead-lettered."""
+    while h.delivery.done() < n:
+        h.delivery.changed = trio.Event()
+        await h.delivery.changed.wait()
+    assert h.delivery.done() == n
+
+
+def rel(h: Harness, calls: list[Call]) -> list[float]:
+    return [round(c.at - h.t0, 6) for c in calls]
+
+
+async def test_six_seconds_between_messages_to_one_number(autojump_clock):
+    async with running(settings()) as h:
+        for d in ("uno", "dos", "tres"):
+            h.delivery.put(alarm(desc=d))
+        await until_done(h, 3)
+        assert rel(h, h.sender.calls) == [0.5, 6.5, 12.5]
+        assert [c.text.split(": ")[1].split(" ·")[0] for c in h.sender.calls] == [
+            "uno",
+            "dos",
+            "tres",
+        ]
+        assert [(a[1], round(a[2] - h.t0, 6)) for a in h.delivery.acked] == [
+            ("ok", 0.5),
+            ("ok", 6.5),
+            ("ok", 12.5),
+        ]
+        assert h.metrics.delivered.labels(sink="whatsapp")._value.get() == 3
+
+
+async def test_max_per_second_overall(autojump_clock):
+    numbers = [f"+5730010000{i:02d}" for i in range(25)]
+    empresas = [{"id": f"e{i}", "contactos": [n]} for i, n in enumerate(numbers)]
+    async with running(settings(empresas=empresas, max_per_second=10)) as h:
+        for i in range(25):
+            h.delivery.put(alarm(empresa=f"e{i}"))
+        await until_done(h, 25)
+        times = rel(h, h.sender.calls)
+        assert times == [0.5] * 10 + [1.5] * 10 + [2.5] * 5
+        assert sorted(c.to for c in h.sender.calls) == sorted(numbers)
+
+
+async def test_burst_of_identical_alarms_becomes_one_message(autojump_clock):
+    async with running(settings()) as h:
+        for _ in range(10):
+            h.delivery.put(alarm())
+            await trio.sleep(0.01)
+        await until_done(h, 10)
+        assert len(h.sender.calls) == 1
+        call = h.sender.calls[0]
+        assert call.at - h.t0 == pytest.approx(GATHER_DELAY)
+        assert "(×10 en 1 min)" in call.text
+        assert call.text.startswith("🚨 ALARMA CRITICA — Cota (sede principal): Fallo en sistema")
+        assert {a[1] for a in h.delivery.acked} == {"ok"}
+        assert len(h.notified) == 1
+        await trio.sleep(120)  # the window ends with nothing to summarize
+        assert len(h.sender.calls) == 1
+
+
+async def test_merge_while_queued_then_summary_after_window(autojump_clock):
+    async with running(settings(dedup_window=60)) as h:
+        h.delivery.put(alarm(desc="otra"))  # occupies the number: sent at 0.5
+        await trio.sleep(1)
+        for _ in range(3):  # t=1,2,3: queued behind the 6 s spacing, merged
+            h.delivery.put(alarm())
+            await trio.sleep(1)
+        await trio.sleep(10 - (trio.current_time() - h.t0))
+        late = [h.delivery.put(alarm()) for _ in range(2)]  # t=10: after it was sent
+        await trio.sleep(10)
+        late.append(h.delivery.put(alarm()))  # t=20
+        await until_done(h, 7)
+        assert rel(h, h.sender.calls) == [0.5, 6.5, 61.0]
+        assert "(×3 en 1 min)" in h.sender.calls[1].text
+        assert "se repitió 3 veces más" in h.sender.calls[2].text
+        acked_at = {a[0]: round(a[2] - h.t0, 6) for a in h.delivery.acked}
+        assert all(acked_at[e.id] == 61.0 for e in late)
+        assert sorted(acked_at.values()).count(6.5) == 3
+        assert len(h.notified) == 2  # "otra" and the merged one, not the summary
+
+
+async def test_after_window_a_new_message_starts(autojump_clock):
+    async with running(settings(dedup_window=60)) as h:
+        h.delivery.put(alarm())
+        await trio.sleep(61)
+        h.delivery.put(alarm())
+        await until_done(h, 2)
+        assert rel(h, h.sender.calls) == [0.5, 61.5]
+        assert all("×" not in c.text for c in h.sender.calls)
+
+
+async def test_prueba_never_coalesces(autojump_clock):
+    async with running(settings()) as h:
+        h.delivery.put(alarm(prueba=True))
+        h.delivery.put(alarm(prueba=True))
+        await until_done(h, 2)
+        assert rel(h, h.sender.calls) == [0.0, 6.0]
+        assert all(c.text.startswith("[PRUEBA]") for c in h.sender.calls)
+        assert h.notified == []
+
+
+async def test_transient_then_success_respects_retry_after(autojump_clock):
+    async with running(settings()) as h:
+        h.sender.script[A] = [TransientDelivery("429", sink="whatsapp", retry_after=2.0)]
+        h.delivery.put(alarm())
+        await until_done(h, 1)
+        assert rel(h, h.sender.calls) == [0.5, 2.5]
+        assert round(h.delivery.acked[0][2] - h.t0, 6) == 2.5
+        assert h.metrics.retries.labels(sink="whatsapp")._value.get() == 1
+
+
+async def test_transient_backoff_is_capped_full_jitter(autojump_clock):
+    async with running(settings()) as h:
+        h.sender.script[A] = [TransientDelivery("down", sink="whatsapp") for _ in range(9)]
+        h.delivery.put(alarm())
+        await until_done(h, 1)
+        times = [c.at for c in h.sender.calls]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert len(gaps) == 9
+        for attempt, gap in enumerate(gaps):
+            assert 0 <= gap <= min(30.0, 0.5 * 2**attempt) + 1e-9
+
+
+async def test_permanent_rejection_is_dead_lettered_and_not_retried(autojump_clock, caplog):
+    caplog.set_level(logging.DEBUG)
+    async with running(settings()) as h:
+        h.sender.always[A] = lambda: WhatsAppRejected("cloud HTTP 400 code 131047", code="131047")
+        entry = h.delivery.put(alarm())
+        await until_done(h, 1)
+        await trio.sleep(300)
+        assert len(h.sender.calls) == 1
+        assert h.delivery.acked == []
+        (dead_id, reason, detail, _) = h.delivery.dead[0]
+        assert (dead_id, reason) == (entry.id, "whatsapp_131047")
+        assert "+57******2233" in detail
+    assert "573001112233" not in caplog.text
+
+
+async def test_one_permanent_recipient_of_two_still_acks(autojump_clock, caplog):
+    caplog.set_level(logging.DEBUG)
+    s = settings(empresas=[{"id": "cota", "contactos": [A, B]}])
+    async with running(s) as h:
+        h.sender.always[A] = lambda: WhatsAppRejected("code 131026", code="131026")
+        h.delivery.put(alarm())
+        await until_done(h, 1)
+        assert [a[1] for a in h.delivery.acked] == ["ok"]
+        assert h.delivery.dead == []
+        assert {c.to for c in h.sender.calls} == {A, B}
+    assert "573001112233" not in caplog.text
+    assert "+57******2233" in caplog.text
+
+
+async def test_slow_number_does_not_block_others(autojump_clock):
+    s = settings(empresas=[{"id": "cota", "contactos": [A, B]}, {"id": "funza", "contactos": [C]}])
+    async with running(s) as h:
+        h.sender.always[A] = lambda: TransientDelivery("timeout", sink="whatsapp", retry_after=25)
+        h.delivery.put(alarm(desc="uno"))
+        h.delivery.put(alarm(desc="dos"))
+        h.delivery.put(alarm(empresa="funza"))
+        await trio.sleep(20)
+        assert rel(h, h.sender.to(B)) == [0.5, 6.5]
+        assert rel(h, h.sender.to(C)) == [0.5]
+        assert [e[0] for e in h.delivery.acked] == ["m-3"]  # cota's wait for A
+        h.sender.always.clear()
+        await until_done(h, 3)
+        assert rel(h, h.sender.to(A)) == [0.5, 25.5, 31.5]
+
+
+async def test_recipients_central_skipped_and_silent_tipos(autojump_clock):
+    async with running(settings()) as h:
+        h.delivery.put(alarm(empresa="chia"))  # unknown -> central
+        h.delivery.put(alarm(empresa=""))  # missing -> central (different key)
+        h.delivery.put(alarm(empresa="funza"))  # built-in, no contacts -> skipped
+        h.delivery.put(alarm(tipo="heartbeat", detail={}))  # never notifies -> skipped
+        h.delivery.put(alarm(tipo="configuracion", detail={}))
+        h.delivery.put(alarm(tipo="estado", detail={"status": "online"}))  # panel online: no
+        h.delivery.put(
+            alarm(tipo="estado", origen="watchdog", detail={"status": "offline"}, sede="")
+        )
+        await until_done(h, 7)
+        outcomes = {a[0]: a[1] for a in h.delivery.acked}
+        assert [outcomes[f"m-{i}"] for i in range(1, 8)] == [
+            "ok",
+            "ok",
+            "skipped",
+            "skipped",
+            "skipped",
+            "skipped",
+            "ok",
+        ]
+        assert rel(h, h.sender.to(CENTRAL)) == [0.5, 6.5]
+        assert "empresa «chia» (no configurada)" in h.sender.to(CENTRAL)[0].text
+        assert h.sender.to(A)[0].text.startswith("📴 PANEL SIN CONEXIÓN — Cota")
+        assert len(h.notified) == 2  # alarms only, not the offline event
+
+
+async def test_send_now_shares_spacing_and_raises_when_all_refuse(autojump_clock):
+    async with running(settings()) as h:
+        h.delivery.put(alarm())
+        await trio.sleep(1)
+        await h.sink.send_now([A, B, A], "Alarma atendida por +57******4455")
+        assert rel(h, h.sender.to(B)) == [1.0]
+        assert rel(h, h.sender.to(A)) == [0.5, 6.5]
+        h.sender.always[C] = lambda: WhatsAppRejected("code 131047", code="131047")
+        with pytest.raises(PermanentDelivery):
+            await h.sink.send_now([C], "hola")
+        await h.sink.send_now([], "nadie")
+
+
+async def test_template_params_are_passed(autojump_clock):
+    async with running(settings()) as h:
+        h.delivery.put(alarm())
+        await until_done(h, 1)
+        assert h.sender.calls[0].params == (
+            "Cota (sede principal)",
+            "ALARMA CRITICA",
+            h.sender.calls[0].params[2] if h.sender.calls[0].params else "",
+        )
+        assert h.sender.calls[0].params is not None
+        assert h.sender.calls[0].params[2].startswith("Fallo en sistema · ")
+
+
+async def test_entries_in_flight_are_bounded(autojump_clock):
+    async with running(settings(), max_in_flight=3) as h:
+        h.sender.always[A] = lambda: TransientDelivery("down", sink="whatsapp", retry_after=5)
+        for i in range(10):
+            h.delivery.put(alarm(desc=f"d{i}"))
+        await trio.sleep(60)
+        assert h.delivery.read_total == 3
+        assert h.sink.statistics().in_flight == 3
+        h.sender.always.clear()
+        await until_done(h, 10)
+        assert h.delivery.read_total == 10
+        assert h.sink.statistics().in_flight == 0
