@@ -186,9 +186,7 @@ class AlarmBook:
             for a in self.open_alarms(event.empresa)
         )
 
-    def acknowledge(
-        self, empresa: str, by: str, event_id: str | None = None
-    ) -> OpenAlarm | None:
+    def acknowledge(self, empresa: str, by: str, event_id: str | None = None) -> OpenAlarm | None:
         """Mark the newest unacknowledged alarm of ``empresa`` (or the one ``event_id``
         names, a full id or a unique prefix of at least :data:`MIN_REF` characters)
         as acknowledged by ``by``. Returns the updated alarm, or None when there is
@@ -271,7 +269,9 @@ class AlarmBook:
             for alarm in mine[:excess]:
                 log.warning(
                     "forgetting alarm %s of %s: more than %d kept",
-                    alarm.id, e or "-", MAX_PER_EMPRESA,
+                    alarm.id,
+                    e or "-",
+                    MAX_PER_EMPRESA,
                 )
                 self._forget(alarm.id)
 

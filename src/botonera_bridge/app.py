@@ -15,6 +15,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any, Final
 
 import httpx
@@ -94,7 +95,10 @@ class Bridge:
         self.devices = HashStore(f"{prefix}:devices", hashes)
         self.alarms = HashStore(f"{prefix}:alarms", hashes)
         self.watchdog = Watchdog(
-            timeout=s.heartbeat.timeout, store=self.devices, emit=self.outbox.emit, metrics=self.metrics
+            timeout=s.heartbeat.timeout,
+            store=self.devices,
+            emit=self.outbox.emit,
+            metrics=self.metrics,
         )
         self.book = AlarmBook(
             self.alarms, escalation_after=s.escalation.after, escalation_max=s.escalation.max
@@ -104,7 +108,7 @@ class Bridge:
         )
         self.mqtt: MqttClient | None = None
         self.ready = trio.Event()
-        self.backend_up = True
+        self.backend_sink: BackendSink | None = None
         self.ws_enabled = False
 
     async def _publish_receipt(self, event: Event, outcomes: dict[str, str]) -> None:
@@ -194,7 +198,8 @@ class Bridge:
             c: {"up": bool(h.up.get(c)), "detalle": h.why_down.get(c, "")}
             for c in ("mqtt", "redis", "websocket")
         }
-        comp["backend"] = {"up": self.backend_up, "detalle": ""}
+        backend_error = self.backend_sink.last_error if self.backend_sink else ""
+        comp["backend"] = {"up": not backend_error, "detalle": backend_error}
         if not self.ws_enabled:
             comp["websocket"] = {"up": False, "detalle": "desactivado"}
         m = self.metrics
@@ -253,9 +258,7 @@ def _rfc(wall: float) -> str:
     return now_rfc3339(int(wall * 1e9))
 
 
-async def _supervise(
-    name: str, health: Health, fn: Callable[[], Awaitable[None]]
-) -> None:
+async def _supervise(name: str, health: Health, fn: Callable[[], Awaitable[None]]) -> None:
     """Keep a long-lived task alive: a bug in one component must not silence the others."""
     backoff = delays(1.0, 30.0)
     while True:
@@ -288,6 +291,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
         backend_sink = BackendSink(
             s.backend, http, user_agent=USER_AGENT, metrics=bridge.metrics, health=bridge.health
         )
+        bridge.backend_sink = backend_sink
         wa_sink = WhatsAppSink(s, sender, metrics=bridge.metrics)
         mqtt = None
         if mqtt_enabled:
@@ -305,7 +309,9 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
         )
         async with trio.open_nursery() as nursery:
             intake = trio.CancelScope()
-            nursery.start_soon(_shutdown_on_signal, nursery.cancel_scope, intake, bridge, s.shutdown_grace)
+            nursery.start_soon(
+                _shutdown_on_signal, nursery.cancel_scope, intake, bridge, s.shutdown_grace
+            )
             await nursery.start(bridge.link.run)
             if s.status.listen:
                 await nursery.start(
@@ -320,7 +326,9 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                 )
             await nursery.start(bridge.watchdog.run)
             for stream in (bridge.outbox.stream, bridge.inbox):
-                nursery.start_soon(_supervise, f"maintenance {stream.key}", bridge.health, stream.run_maintenance)
+                nursery.start_soon(
+                    _supervise, f"maintenance {stream.key}", bridge.health, stream.run_maintenance
+                )
             nursery.start_soon(_supervise, "gauges", bridge.health, bridge.gauges)
             nursery.start_soon(
                 _supervise, "backend sink", bridge.health,
@@ -330,22 +338,26 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                 _supervise, "whatsapp sink", bridge.health,
                 lambda: wa_sink.run(bridge.outbox.delivery("whatsapp")),
             )  # fmt: skip
-            nursery.start_soon(_supervise, "inbox workers", bridge.health, lambda: bridge.inbox_workers(ctx))
-            nursery.start_soon(_supervise, "escalation", bridge.health, lambda: escalation_loop(ctx))
+            nursery.start_soon(
+                _supervise, "inbox workers", bridge.health, lambda: bridge.inbox_workers(ctx)
+            )
+            nursery.start_soon(
+                _supervise, "escalation", bridge.health, lambda: escalation_loop(ctx)
+            )
             nursery.start_soon(notify_loop, bridge.health, bridge.ready)
 
-            async def intake_tasks(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def intake_tasks(
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
                 with intake:
                     async with trio.open_nursery() as n:
                         if ws_enabled and s.websocket.url:
                             bridge.ws_enabled = True
                             bridge.health.require("websocket")
-                            await n.start(
-                                lambda task_status=trio.TASK_STATUS_IGNORED: receive(
-                                    s.websocket.url, s.websocket.reconnect_delay, bridge.on_inbound,
-                                    health=bridge.health, metrics=bridge.metrics, task_status=task_status,
-                                )
-                            )  # fmt: skip
+                            await n.start(partial(
+                                receive, s.websocket.url, s.websocket.reconnect_delay,
+                                bridge.on_inbound, health=bridge.health, metrics=bridge.metrics,
+                            ))  # fmt: skip
                         if mqtt is not None:
                             send, recv = trio.open_memory_channel[MqttMessage](INTAKE_BUFFER)
                             await n.start(bridge.router.run, recv, mqtt)
@@ -370,15 +382,24 @@ async def _shutdown_on_signal(
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("%s received: stopping intake, draining for up to %.0fs", signal.Signals(signum).name, grace)
+            log.info(
+                "%s received: stopping intake, draining for up to %.0fs",
+                signal.Signals(signum).name,
+                grace,
+            )
             intake.cancel()
             with trio.move_on_after(grace):
                 # Memory-held events are lost on exit; Redis-held ones are not.
-                while bridge.outbox.stream.memory_items or bridge.inbox.memory_items:
+                # polled: shutdown only, and both sizes change in many places
+                while bridge.outbox.stream.memory_items or bridge.inbox.memory_items:  # noqa: ASYNC110
                     await trio.sleep(0.1)
             left = bridge.outbox.stream.memory_items
             if left:
-                log.error("exiting with %d events only in memory (unacknowledged: the broker redelivers them)", left)
+                log.error(
+                    "exiting with %d events only in memory "
+                    "(unacknowledged: the broker redelivers them)",
+                    left,
+                )
             everything.cancel()
             return
 

@@ -32,9 +32,15 @@ async def check_broker(settings: Settings) -> Result:
     name = f"broker MQTT {m.broker}:{m.port}"
     try:
         with trio.fail_after(CHECK_TIMEOUT):
-            async with open_mqtt(
-                m, client_id=_cli_client_id(settings, "check"), clean_session=True, status_topic=False
-            ) as client, trio.open_nursery() as n:
+            async with (
+                open_mqtt(
+                    m,
+                    client_id=_cli_client_id(settings, "check"),
+                    clean_session=True,
+                    status_topic=False,
+                ) as client,
+                trio.open_nursery() as n,
+            ):
                 await n.start(client.run, None)
                 n.cancel_scope.cancel()
     except trio.TooSlowError:
@@ -60,7 +66,9 @@ async def check_redis(settings: Settings) -> Result:
 
 async def _http_reachable(name: str, url: str, headers: dict[str, str]) -> Result:
     try:
-        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT, headers={"User-Agent": USER_AGENT}) as c:
+        async with httpx.AsyncClient(
+            timeout=CHECK_TIMEOUT, headers={"User-Agent": USER_AGENT}
+        ) as c:
             resp = await c.get(url, headers=headers)
     except httpx.HTTPError as exc:
         return False, name, f"{url}: {exc!r}"
@@ -72,7 +80,9 @@ async def _http_reachable(name: str, url: str, headers: dict[str, str]) -> Resul
 
 
 async def check_backend(settings: Settings) -> Result:
-    headers = {"Authorization": f"Bearer {settings.backend.token}"} if settings.backend.token else {}
+    headers = (
+        {"Authorization": f"Bearer {settings.backend.token}"} if settings.backend.token else {}
+    )
     url = settings.backend.url.rstrip("/") + "/api/mqtt-alerts?limit=1"
     return await _http_reachable("backend", url, headers)
 
@@ -86,7 +96,11 @@ async def check_gateway(settings: Settings) -> Result:
             async with trio_websocket.open_websocket_url(url):
                 pass
     except trio.TooSlowError:
-        return False, "gateway WhatsApp (WebSocket)", f"{url}: no answer within {CHECK_TIMEOUT:.0f}s"
+        return (
+            False,
+            "gateway WhatsApp (WebSocket)",
+            f"{url}: no answer within {CHECK_TIMEOUT:.0f}s",
+        )
     except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
         return False, "gateway WhatsApp (WebSocket)", f"{url}: {exc!r}"
     return True, "gateway WhatsApp (WebSocket)", f"{url} conectado"
@@ -120,19 +134,25 @@ async def run_checks(settings: Settings) -> list[Result]:
 
 async def publish_once(settings: Settings, topic: str, payload: bytes) -> None:
     with trio.fail_after(settings.backend.timeout + CHECK_TIMEOUT):
-        async with open_mqtt(
-            settings.mqtt,
-            client_id=_cli_client_id(settings, "pub"),
-            clean_session=True,
-            status_topic=False,
-        ) as client, trio.open_nursery() as n:
+        async with (
+            open_mqtt(
+                settings.mqtt,
+                client_id=_cli_client_id(settings, "pub"),
+                clean_session=True,
+                status_topic=False,
+            ) as client,
+            trio.open_nursery() as n,
+        ):
             await n.start(client.run, None)
             await client.publish(topic, payload, qos=1)
             n.cancel_scope.cancel()
 
 
-async def send_test(settings: Settings, empresa: str, timeout: float) -> tuple[bool, str]:
-    """Publish a prueba alarm and wait for its receipt. Returns (ok, what happened)."""
+async def send_test(settings: Settings, empresa: str, wait_seconds: float) -> tuple[bool, str]:
+    """Publish a prueba alarm and wait for its receipt. Returns (ok, what happened).
+
+    ``wait_seconds`` is the command's own ``--timeout``: running out is an answer
+    (which stage failed), not an error, so it is not left to a caller's scope."""
     from .cli import send_test_identity
 
     body, event_id = send_test_identity(empresa)
@@ -161,7 +181,7 @@ async def send_test(settings: Settings, empresa: str, timeout: float) -> tuple[b
             await client.subscribe(STATUS_TOPIC, 1)
             await client.subscribe(RECEIPT_TOPIC + event_id, 1)
             await client.publish(settings.mqtt.topics[0], msgspec.json.encode(body), qos=1)
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(wait_seconds):
                 async for msg in recv:
                     client.ack(msg)
                     if msg.topic == STATUS_TOPIC:
@@ -175,16 +195,25 @@ async def send_test(settings: Settings, empresa: str, timeout: float) -> tuple[b
             await stack.__aexit__(None, None, None)
     if receipt is None:
         if bridge_status != "online":
-            return False, f"no receipt within {timeout:.0f}s: bridge down (status {bridge_status!r})"
+            return (
+                False,
+                f"no receipt within {wait_seconds:.0f}s: bridge down (status {bridge_status!r})",
+            )
         return False, (
-            f"no receipt within {timeout:.0f}s: the bridge is online but its sinks did not "
+            f"no receipt within {wait_seconds:.0f}s: the bridge is online but its sinks did not "
             "confirm (backend or WhatsApp retrying)"
         )
     failed = [k for k in ("backend", "whatsapp") if receipt.get(k) == "failed"]
     if failed:
         names = {"backend": "backend failed", "whatsapp": "WhatsApp failed"}
-        return False, f"{' and '.join(names[f] for f in failed)} (event {event_id}, receipt {receipt})"
-    return True, f"event {event_id}: backend {receipt.get('backend')}, whatsapp {receipt.get('whatsapp')}"
+        return (
+            False,
+            f"{' and '.join(names[f] for f in failed)} (event {event_id}, receipt {receipt})",
+        )
+    return (
+        True,
+        f"event {event_id}: backend {receipt.get('backend')}, whatsapp {receipt.get('whatsapp')}",
+    )
 
 
 __all__ = ["BridgeError", "run_checks", "send_test", "publish_once"]

@@ -11,16 +11,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, TypeVar
 
-import httpx
-import msgspec
-import trio
 import typer
 
 from . import USER_AGENT, __version__
 from . import config as config_mod
 from . import log as log_mod
 from .config import Settings
-from .errors import BridgeError, ConfigError, InvalidMessage, MqttError, RedisError
+from .errors import BridgeError, ConfigError, MqttError, RedisError
 from .ids import IdentifierError, normalize_id, stable_id
 
 EXIT_OK: Final = 0
@@ -41,7 +38,9 @@ app.add_typer(alerts_app, name="alerts")
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="TOML file (else $BOTONERA_CONFIG, else ./botonera-bridge.toml)"),
+    typer.Option(
+        "--config", "-c", help="TOML file (else $BOTONERA_CONFIG, else ./botonera-bridge.toml)"
+    ),
 ]
 log = logging.getLogger("botonera_bridge.cli")
 
@@ -55,6 +54,8 @@ def _load(config: str | None) -> Settings:
 
 
 def _trio_run(fn: Callable[[], Awaitable[T]]) -> T:
+    import trio  # imported late: keeps `--help` and `version` fast
+
     try:
         return trio.run(fn)
     except KeyboardInterrupt:
@@ -73,6 +74,8 @@ def run(
     """Run the bridge (the daemon)."""
     settings = _load(config)
     log_mod.setup(settings.log.level, settings.log.format)
+    import trio
+
     from .app import run as app_run
 
     try:
@@ -88,7 +91,9 @@ def run(
 @app.command("check-config")
 def check_config(
     config: ConfigOpt = None,
-    offline: Annotated[bool, typer.Option("--offline", help="only validate, contact nothing")] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="only validate, contact nothing")
+    ] = False,
 ) -> None:
     """Validate and print the effective config (secrets masked); then try every server."""
     settings = _load(config)
@@ -135,7 +140,8 @@ def publish(
     empresa: Annotated[str, typer.Option(help="empresa id")] = "",
     sede: Annotated[str, typer.Option(help="sede")] = "",
     campo: Annotated[
-        list[str] | None, typer.Option(help="extra field k=v (repeatable; v parsed as JSON if it can)")
+        list[str] | None,
+        typer.Option(help="extra field k=v (repeatable; v parsed as JSON if it can)"),
     ] = None,
     topic: Annotated[str, typer.Option(help="topic (default: the first mqtt.topics)")] = "",
     config: ConfigOpt = None,
@@ -188,7 +194,9 @@ def dead_list(
         else:
             payload = item["payload"]
             short = payload if len(payload) <= 80 else payload[:77] + "..."
-            typer.echo(f"{item['id']}  {item['at']}  {item['reason']:<22} {item['topic']:<20} {short}")
+            typer.echo(
+                f"{item['id']}  {item['at']}  {item['reason']:<22} {item['topic']:<20} {short}"
+            )
             typer.echo(f"    {item['detail']}")
     if not items and not as_json:
         typer.echo("no hay dead letters")
@@ -223,6 +231,8 @@ def dead_replay(
 
 
 def _backend_get(settings: Settings, path: str, params: dict[str, Any] | None = None) -> Any:
+    import httpx
+
     headers = {"User-Agent": USER_AGENT}
     if settings.backend.token:
         headers["Authorization"] = f"Bearer {settings.backend.token}"
@@ -271,7 +281,11 @@ def alerts_show(
 ) -> None:
     """Show one stored alert."""
     settings = _load(config)
-    typer.echo(json.dumps(_backend_get(settings, f"/api/mqtt-alerts/{alert_id}"), ensure_ascii=False, indent=2))
+    typer.echo(
+        json.dumps(
+            _backend_get(settings, f"/api/mqtt-alerts/{alert_id}"), ensure_ascii=False, indent=2
+        )
+    )
 
 
 @app.command()
@@ -301,6 +315,3 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
-
-
-__all__ = ["app", "main", "InvalidMessage", "msgspec"]

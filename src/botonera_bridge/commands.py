@@ -356,7 +356,8 @@ async def _semaforo(
     if msg.timestamp and ctx.clock() - msg.timestamp > STALE_COMMAND:
         log.warning(
             "not publishing a semaforo from %s: the message is %.0fs old",
-            mask_phone(msg.sender), ctx.clock() - msg.timestamp,
+            mask_phone(msg.sender),
+            ctx.clock() - msg.timestamp,
         )
         await _reply(
             ctx,
@@ -433,8 +434,12 @@ async def escalate(ctx: CommandContext, now: float) -> int:
             text = f"{escalation_prefix(alarm.escalations, total)} {_alarm_headline(ctx, alarm)}"
             log.warning(
                 "alarm %s of %s unattended: reminder %d/%d to %d contacts and %d central",
-                alarm.id, alarm.empresa or "-", alarm.escalations, total,
-                len(contacts), len(central),
+                alarm.id,
+                alarm.empresa or "-",
+                alarm.escalations,
+                total,
+                len(contacts),
+                len(central),
             )
             if not contacts and not central:
                 log.warning("alarm %s has nobody to remind: no contactos nor central", alarm.id)

@@ -33,7 +33,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class MqttSettings(_Section):
+class MqttSettings(_Section, frozen=True):
     broker: str = "localhost"
     port: int = 1883
     username: str = ""
@@ -49,7 +49,7 @@ class MqttSettings(_Section):
     shared_group: str = ""
 
 
-class BackendSettings(_Section):
+class BackendSettings(_Section, frozen=True):
     url: str = "http://localhost:8000"
     token: str = ""
     token_file: str = ""
@@ -60,18 +60,18 @@ class BackendSettings(_Section):
     concurrency: int = 8  # empresas delivered in parallel
 
 
-class RedisSettings(_Section):
+class RedisSettings(_Section, frozen=True):
     url: str = "redis://localhost:6379/0"
     prefix: str = "botonera"
     memory_limit: int = 10000  # events held in memory while Redis is away
 
 
-class WebsocketSettings(_Section):
+class WebsocketSettings(_Section, frozen=True):
     url: str = "ws://localhost:8080/ws"
     reconnect_delay: float = 3.0  # seconds
 
 
-class WhatsappSettings(_Section):
+class WhatsappSettings(_Section, frozen=True):
     provider: str = "log"
     api_url: str = ""
     api_version: str = "v21.0"
@@ -87,27 +87,27 @@ class WhatsappSettings(_Section):
     timeout: float = 10.0  # seconds
 
 
-class HeartbeatSettings(_Section):
+class HeartbeatSettings(_Section, frozen=True):
     timeout: float = 90.0  # seconds of silence before a panel is offline
     stall_timeout: float = 60.0  # seconds a sink may sit on pending work
 
 
-class EscalationSettings(_Section):
+class EscalationSettings(_Section, frozen=True):
     after: float = 300.0  # seconds
     max: int = 3
 
 
-class StatusSettings(_Section):
+class StatusSettings(_Section, frozen=True):
     listen: str = "127.0.0.1:9108"
     token: str = ""
 
 
-class LogSettings(_Section):
+class LogSettings(_Section, frozen=True):
     level: str = "INFO"
     format: str = "text"
 
 
-class Empresa(_Section):
+class Empresa(_Section, frozen=True):
     id: str
     nombre: str = ""
     contactos: tuple[str, ...] = ()
@@ -117,7 +117,7 @@ class Empresa(_Section):
         return self.nombre or self.id.capitalize()
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True):
     mqtt: MqttSettings = MqttSettings()
     backend: BackendSettings = BackendSettings()
     redis: RedisSettings = RedisSettings()
@@ -264,7 +264,9 @@ def _finish(s: Settings, source: str) -> Settings:
         tok = _read_secret(backend.token_file, source, "backend.token_file")
         backend = msgspec.structs.replace(backend, token=tok)
     if wa.token_file and not wa.token:
-        wa = msgspec.structs.replace(wa, token=_read_secret(wa.token_file, source, "whatsapp.token_file"))
+        wa = msgspec.structs.replace(
+            wa, token=_read_secret(wa.token_file, source, "whatsapp.token_file")
+        )
     if mqtt.qos not in (0, 1, 2):
         raise ConfigError("mqtt.qos must be 0, 1 or 2", source=source, key="mqtt.qos")
     if not mqtt.topics:

@@ -28,7 +28,9 @@ def _need_redis(settings: Settings) -> str:
 
 async def list_dead(settings: Settings, limit: int) -> list[dict[str, Any]]:
     async with open_redis(_need_redis(settings)) as r:
-        reply = await r.execute("XREVRANGE", f"{settings.redis.prefix}:dead", "+", "-", "COUNT", limit)
+        reply = await r.execute(
+            "XREVRANGE", f"{settings.redis.prefix}:dead", "+", "-", "COUNT", limit
+        )
     return [dead_letter_json(decode_dead(eid, fields)) for eid, fields in _entry_list(reply)]
 
 
@@ -60,7 +62,9 @@ async def replay(settings: Settings, entry_id: str | None) -> list[tuple[str, bo
                 continue
             await outbox.append([(event, "")], only=dl.sink)
             await _delete(redis, key, eid)
-            results.append((eid, True, f"re-queued as event {event.id} ({event.tipo}, {event.empresa or '-'})"))
+            results.append(
+                (eid, True, f"re-queued as event {event.id} ({event.tipo}, {event.empresa or '-'})")
+            )
         return results
 
 
@@ -73,7 +77,9 @@ def _event_of(dl: Any, settings: Settings) -> Event:
         else:
             return ev
     raw = base64.b64decode(dl.payload) if dl.payload_encoding == "base64" else dl.payload.encode()
-    _, event = decode(raw, dl.topic or settings.mqtt.topics[0], time.time_ns(), settings.mqtt.max_payload)
+    _, event = decode(
+        raw, dl.topic or settings.mqtt.topics[0], time.time_ns(), settings.mqtt.max_payload
+    )
     return event
 
 

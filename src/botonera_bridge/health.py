@@ -54,7 +54,11 @@ class Health:
 
     def reasons(self) -> list[str]:
         """Empty when ready; otherwise one human-readable reason per problem."""
-        out = [f"{c}: {self.why_down.get(c) or 'down'}" for c in sorted(self.required) if not self.up.get(c)]
+        out = [
+            f"{c}: {self.why_down.get(c) or 'down'}"
+            for c in sorted(self.required)
+            if not self.up.get(c)
+        ]
         now = self._clock()
         for sink, pending in sorted(self._pending.items()):
             idle = now - self._last_progress.get(sink, now)

@@ -148,7 +148,11 @@ def decode(payload: bytes, topic: str, received_ns: int, max_payload: int) -> tu
         raise InvalidMessage("too_deep", "JSON nesting too deep", topic=topic) from exc
     except msgspec.ValidationError as exc:
         text = str(exc)
-        reason = "unknown_tipo" if "$.tipo_mensaje" in text or "tipo_mensaje" in text else "invalid_schema"
+        reason = (
+            "unknown_tipo"
+            if "$.tipo_mensaje" in text or "tipo_mensaje" in text
+            else "invalid_schema"
+        )
         raise InvalidMessage(reason, text, topic=topic) from exc
     except msgspec.DecodeError as exc:
         raise InvalidMessage("invalid_json", str(exc), topic=topic) from exc

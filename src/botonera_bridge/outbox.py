@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, NamedTuple
 
 import msgspec
-import trio
 
 from .errors import RedisError
 from .messages import Event, decode_event, encode_event
@@ -133,9 +132,7 @@ class Outbox:
         self._on_finished = on_finished
         self._outcomes: dict[str, dict[str, str]] = {}
 
-    async def append(
-        self, events: Sequence[tuple[Event, str]], *, only: str = ""
-    ) -> list[Receipt]:
+    async def append(self, events: Sequence[tuple[Event, str]], *, only: str = "") -> list[Receipt]:
         """Append (event, dedup key) pairs; see DurableStream.append. ``only``: one sink."""
         skip = ",".join(g for g in GROUPS if g != only) if only else ""
         return await self.stream.append([(encode_event(e), k) for e, k in events], skip=skip)

@@ -109,7 +109,9 @@ class Router:
                 out.append((m, SAFE))
                 continue
             if event.flags:
-                log.debug("event %s (tipo=%s) flagged: %s", event.id, event.tipo, ",".join(event.flags))
+                log.debug(
+                    "event %s (tipo=%s) flagged: %s", event.id, event.tipo, ",".join(event.flags)
+                )
             strong = _has_identity(msg)
             to_append.append((event, event.id if strong else ""))
             out.append((m, None))
@@ -119,10 +121,15 @@ class Router:
     async def _reject(self, m: MqttMessage, exc: InvalidMessage) -> None:
         self.metrics.received.labels(tipo="invalido").inc()
         log.error(
-            "rejected MQTT message on %s (%d bytes): %s; dead-lettered", m.topic, len(m.payload), exc
+            "rejected MQTT message on %s (%d bytes): %s; dead-lettered",
+            m.topic,
+            len(m.payload),
+            exc,
         )
         payload = m.payload[:DEAD_PAYLOAD_MAX]
-        detail = exc.detail if len(m.payload) == len(payload) else f"{exc.detail} (payload truncated)"
+        detail = (
+            exc.detail if len(m.payload) == len(payload) else f"{exc.detail} (payload truncated)"
+        )
         await self.outbox.dead.add(exc.reason, detail, payload=payload, topic=m.topic)
 
 

@@ -269,7 +269,10 @@ async def receive(
         elif backoff.failures == 1 or backoff.failures % WARN_EVERY == 0:
             log.warning(
                 "cannot connect to gateway %s (%s), attempt %d; retrying in %.1fs",
-                where, reason, backoff.failures, delay,
+                where,
+                reason,
+                backoff.failures,
+                delay,
             )
         else:
             log.debug("gateway %s still unreachable (%s); retrying in %.1fs", where, reason, delay)

@@ -143,8 +143,14 @@ async def test_malformed_frames_are_counted_and_ignored() -> None:
             await gw.send({"event": "message", "payload": {"id": "x", "from": "juan"}})
             await gw.send({"event": "session.status", "payload": {"status": "WORKING"}})
             await gw.send(waha(1) | {"payload": waha(1)["payload"] | {"fromMe": True}})  # type: ignore[operator]
-            await gw.send({"id": "plain-1", "from": "+573009998877", "body": "Semáforo rojo",
-                           "timestamp": 1741249730})
+            await gw.send(
+                {
+                    "id": "plain-1",
+                    "from": "+573009998877",
+                    "body": "Semáforo rojo",
+                    "timestamp": 1741249730,
+                }
+            )
             await gw.send(waha(2, body="ack"))
             await inbox.wait_count(2)
             nursery.cancel_scope.cancel()

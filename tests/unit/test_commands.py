@@ -415,8 +415,13 @@ async def test_semaforo_publish_that_hangs_times_out(
         await trio.sleep_forever()
 
     ctx = CommandContext(
-        settings=ctx.settings, book=ctx.book, devices=ctx.devices, send=fake.send,
-        publish=stuck, emit=fake.emit, clock=fake.clock,
+        settings=ctx.settings,
+        book=ctx.book,
+        devices=ctx.devices,
+        send=fake.send,
+        publish=stuck,
+        emit=fake.emit,
+        clock=fake.clock,
     )
     start = trio.current_time()
     await handle(ctx, inbound(B, "semaforo verde"))
@@ -448,9 +453,7 @@ async def test_escalation_without_ack(autojump_clock: trio.testing.MockClock) ->
     assert contact_times == [AFTER, 2 * AFTER, 3 * AFTER]
     assert central_times == [AFTER, 2 * AFTER, 3 * AFTER]
     texts = [t for n, t, _ in reminders if n == [A, B]]
-    assert [t.split(" 🚨")[0] for t in texts] == [
-        f"⚠️ SIN ATENDER (aviso {k}/3)" for k in (1, 2, 3)
-    ]
+    assert [t.split(" 🚨")[0] for t in texts] == [f"⚠️ SIN ATENDER (aviso {k}/3)" for k in (1, 2, 3)]
     assert "ALARMA CRITICA — Cota (sede principal): Fallo en sistema" in texts[0]
     assert f"Responda ACK {opened.id[:8]}" in texts[0]
     assert "Responda ACK" not in [t for n, t, _ in reminders if n == [CENTRAL]][0]
@@ -526,8 +529,13 @@ async def test_a_stuck_whatsapp_does_not_hold_escalations(
         await trio.sleep_forever()  # e.g. the WhatsApp API is down: retried forever
 
     ctx = CommandContext(
-        settings=ctx.settings, book=ctx.book, devices=ctx.devices, send=stuck,
-        publish=fake.publish, emit=fake.emit, clock=fake.clock,
+        settings=ctx.settings,
+        book=ctx.book,
+        devices=ctx.devices,
+        send=stuck,
+        publish=fake.publish,
+        emit=fake.emit,
+        clock=fake.clock,
     )
     t0 = trio.current_time()
     ctx.book.observe(alarm("cota", 1))

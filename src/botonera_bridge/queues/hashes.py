@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..errors import RedisError
 from .link import RedisLink
+from .redis_client import Redis
 
 
 class RedisHashes:
     def __init__(self, link: RedisLink) -> None:
         self._link = link
 
-    def _redis(self):  # type: ignore[no-untyped-def]
+    def _redis(self) -> Redis:
         if not self._link.up or self._link.redis is None:
             raise RedisError("Redis unavailable")
         return self._link.redis

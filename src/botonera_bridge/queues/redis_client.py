@@ -145,7 +145,9 @@ class Redis:
         setup: list[list[Arg]] = []
         if self._password:
             setup.append(
-                ["AUTH", self._username, self._password] if self._username else ["AUTH", self._password]
+                ["AUTH", self._username, self._password]
+                if self._username
+                else ["AUTH", self._password]
             )
         if self.db:
             setup.append(["SELECT", self.db])

@@ -233,7 +233,8 @@ class DurableStream:
         # Entries a group is delivering right now from memory: let it finish (bounded)
         # so the stream copy can be marked done for that group instead of redelivered.
         with trio.move_on_after(5):
-            while any(m.taken_by - m.done_by for m in pending):
+            # polled: a rare recovery-time wait on sinks' progress, bounded above
+            while any(m.taken_by - m.done_by for m in pending):  # noqa: ASYNC110
                 await trio.sleep(0.05)
         for start in range(0, len(pending), 500):
             chunk = pending[start : start + 500]
@@ -289,7 +290,7 @@ class DurableStream:
         while True:
             mem = self._unread[group]
             if mem:
-                taken = []
+                taken: list[Item] = []
                 while mem and len(taken) < count:
                     m = mem.popleft()
                     if m.id in self._mem and group not in m.done_by:
@@ -307,7 +308,9 @@ class DurableStream:
                 changed = self.link.changed
                 async with trio.open_nursery() as n:
 
-                    async def _wait(ev: trio.Event, scope: trio.CancelScope = n.cancel_scope) -> None:
+                    async def _wait(
+                        ev: trio.Event, scope: trio.CancelScope = n.cancel_scope
+                    ) -> None:
                         await ev.wait()
                         scope.cancel()
 
@@ -351,7 +354,9 @@ class DurableStream:
             entries = [e for e in entries if e[0] not in self._inflight[group]]
         return await self._accept(group, entries)
 
-    async def _accept(self, group: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Item]:
+    async def _accept(
+        self, group: str, entries: list[tuple[str, dict[bytes, bytes]]]
+    ) -> list[Item]:
         out: list[Item] = []
         skip_ids: list[str] = []
         now = time.monotonic()
@@ -408,7 +413,11 @@ class DurableStream:
             await self._ensure_groups()
             now = time.monotonic()
             for g in self.groups:
-                stale = [i for i, t in self._inflight[g].items() if now - t > TOUCH_AFTER and "-" in i and not i.startswith("m-")]
+                stale = [
+                    i
+                    for i, t in self._inflight[g].items()
+                    if now - t > TOUCH_AFTER and "-" in i and not i.startswith("m-")
+                ]
                 if stale:
                     await redis.execute("XCLAIM", self.key, g, self.consumer, 0, *stale, "JUSTID")
                     for i in stale:

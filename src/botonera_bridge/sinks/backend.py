@@ -47,7 +47,9 @@ def classify(status: int, body: str, retry_after: str | None) -> None:
         return
     wait = _retry_after(retry_after)
     if status in RETRY_STATUS or status >= 500:
-        raise TransientDelivery(f"HTTP {status}", sink="backend", status=status, body=body[:500], retry_after=wait)
+        raise TransientDelivery(
+            f"HTTP {status}", sink="backend", status=status, body=body[:500], retry_after=wait
+        )
     raise PermanentDelivery(f"HTTP {status}", sink="backend", status=status, body=body[:500])
 
 
@@ -83,6 +85,7 @@ class BackendSink:
         self._inflight = 0
         self._room = trio.Event()
         self._limiter = trio.CapacityLimiter(max(1, settings.concurrency))
+        self.last_error = ""  # empty while the backend accepts events
 
     @property
     def pending(self) -> int:
@@ -107,7 +110,9 @@ class BackendSink:
                     lane = self._lanes.get(entry.event.lane)
                     if lane is None:
                         lane = self._lanes[entry.event.lane] = deque()
-                        nursery.start_soon(self._lane, entry.event.lane, lane, delivery, ack_send.clone())
+                        nursery.start_soon(
+                            self._lane, entry.event.lane, lane, delivery, ack_send.clone()
+                        )
                     lane.append(entry)
 
     async def _acker(
@@ -172,6 +177,7 @@ class BackendSink:
                 async with self._limiter:
                     await self._post(body, headers)
             except TransientDelivery as exc:
+                self.last_error = str(exc)
                 delay = next(backoff)
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, self.settings.retry_max_delay))
@@ -184,6 +190,7 @@ class BackendSink:
                 await trio.sleep(delay)
                 continue
             break
+        self.last_error = ""
         if self._metrics is not None:
             self._metrics.delivered.labels(sink="backend").inc()
             if event.received_ns:
@@ -214,7 +221,9 @@ class BackendSink:
             url = self.settings.url.rstrip("/") + VERIFY_PATH
             try:
                 resp = await self._client.get(
-                    url, params={"empresa": event.empresa, "sede": event.sede}, headers=self._headers
+                    url,
+                    params={"empresa": event.empresa, "sede": event.sede},
+                    headers=self._headers,
                 )
             except httpx.HTTPError as exc:
                 log.warning("verify-empresa-sede failed (%s); forwarding anyway", exc)
