@@ -1,0 +1,193 @@
+"""Watchdog and status surface against the real bridge process (issue 5's must-shows)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.test_status_server import CHROMIUM, NEEDS_CHROMIUM, chromium_cmd
+from tests.support.bridge import ROOT, BridgeProc, Publisher, wait_until
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+@pytest.fixture
+def bridge_factory(mosquitto, backend):
+    made: list[BridgeProc] = []
+
+    def make(**kw):
+        kw.setdefault("mqtt_port", mosquitto.port)
+        kw.setdefault("backend_url", backend.url)
+        b = BridgeProc(**kw)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.cleanup()
+
+
+@pytest.fixture
+def publisher(mosquitto):
+    p = Publisher(mosquitto.port)
+    yield p
+    p.close()
+
+
+def watchdog_events(backend) -> list[dict]:
+    return [
+        a["payload"] for a in backend.alerts() if a["payload"].get("_bridge", {}).get("origen") == "watchdog"
+    ]
+
+
+def heartbeat(empresa: str, sede: str, dev: str) -> dict:
+    return {"tipo_mensaje": "heartbeat", "empresa": empresa, "sede": sede, "dispositivo": dev}
+
+
+def test_offline_then_online(bridge_factory, backend, publisher):
+    bridge_factory(env={"HEARTBEAT_TIMEOUT": "3"}).start()
+    publisher.publish(heartbeat("cota", "sede1", "dev1"))
+    t0 = time.monotonic()
+    off = wait_until(lambda: watchdog_events(backend), 8, "offline event")
+    elapsed = time.monotonic() - t0
+    assert 3 <= elapsed <= 5, elapsed
+    assert off[0]["status"] == "offline" and off[0]["tipo_mensaje"] == "estado"
+    assert (off[0]["empresa"], off[0]["sede"], off[0]["dispositivo"]) == ("cota", "sede1", "dev1")
+    publisher.publish(heartbeat("cota", "sede1", "dev1"))
+    events = wait_until(lambda: e if len(e := watchdog_events(backend)) >= 2 else None, 5, "online event")
+    assert events[1]["status"] == "online"
+
+
+def test_no_storm_after_restart(bridge_factory, backend, publisher, redis_server):
+    bridge = bridge_factory(redis_url=redis_server.url, env={"HEARTBEAT_TIMEOUT": "4"}).start()
+    devices = [("cota", f"s{i % 4}", f"d{i}") for i in range(20)]
+
+    def beat(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for d in devices:
+                publisher.publish(heartbeat(*d))
+            time.sleep(0.5)
+
+    beat(3)
+    assert bridge.terminate() == 0
+    beat(1.5)  # the broker keeps them for the bridge's persistent session
+    bridge.start()
+    beat(8)
+    assert watchdog_events(backend) == []
+    status = bridge.status()
+    cota = next(e for e in status["empresas"] if e["id"] == "cota")
+    assert len(cota["devices"]) == 20
+    assert all(d["state"] == "online" for d in cota["devices"])
+
+
+def test_readyz_follows_the_broker(bridge_factory, mosquitto):
+    bridge = bridge_factory().start()
+    assert wait_until(lambda: bridge.http("/readyz")[0] == 200, 5, "ready")
+    mosquitto.stop()
+    t0 = time.monotonic()
+    code, body = wait_until(lambda: r if (r := bridge.http("/readyz"))[0] == 503 else None, 10, "503")
+    assert time.monotonic() - t0 < 10
+    assert b"mqtt" in body
+    mosquitto.start()
+    wait_until(lambda: bridge.http("/readyz")[0] == 200, 30, "ready again")
+    assert bridge.http("/healthz")[0] == 200
+
+
+def test_metrics_count_what_was_sent(bridge_factory, backend, publisher):
+    bridge = bridge_factory().start()
+    for i in range(10):
+        publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota", "seq": i})
+    wait_until(lambda: len(backend.alerts()) >= 10, 10, "10 alerts")
+
+    def sample(name: str, **labels: str) -> float | None:
+        code, body = bridge.http("/metrics")
+        assert code == 200
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        return None
+
+    assert sample("botonera_messages_received_total", tipo="alarmas") == 10
+    wait_until(lambda: sample("botonera_delivered_total", sink="backend") == 10, 5, "delivered 10")
+    for name in (
+        "botonera_retries_total", "botonera_queue_depth", "botonera_devices", "botonera_mqtt_connected",
+        "botonera_redis_connected", "botonera_delivery_seconds_bucket",
+    ):  # fmt: skip
+        assert sample(name) is not None, name
+
+
+def test_systemd_notify(bridge_factory, mosquitto, tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    got: list[tuple[float, str]] = []
+
+    def collect(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                got.append((time.monotonic(), sock.recv(4096).decode()))
+            except TimeoutError:
+                pass
+
+    try:
+        bridge = bridge_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}).start()
+        collect(3)
+        texts = [t for _, t in got]
+        assert any("READY=1" in t for t in texts)
+        assert sum("WATCHDOG=1" in t for t in texts) >= 3
+        mosquitto.stop()
+        wait_until(lambda: bridge.http("/readyz")[0] == 503, 10, "not ready")
+        got.clear()
+        collect(2.5)
+        assert not any("WATCHDOG=1" in t for _, t in got), got
+        mosquitto.start()
+        wait_until(lambda: bridge.http("/readyz")[0] == 200, 30, "ready again")
+        got.clear()
+        collect(2.5)
+        assert any("WATCHDOG=1" in t for _, t in got)
+    finally:
+        sock.close()
+
+
+def test_status_token(bridge_factory):
+    token = "tok-" + os.urandom(6).hex()
+    bridge = bridge_factory(conf={"status": {"token": token}}).start()
+    assert bridge.http("/healthz")[0] == 200
+    for path in ("/readyz", "/metrics", "/api/status", "/"):
+        assert bridge.http(path)[0] == 401, path
+        assert bridge.http(path, token=token)[0] in (200, 503), path
+
+
+@NEEDS_CHROMIUM
+def test_page_in_chromium_shows_live_state(bridge_factory, backend, publisher, tmp_path):
+    bridge = bridge_factory(env={"HEARTBEAT_TIMEOUT": "60"}).start()
+    publisher.publish(heartbeat("cota", "principal", "panel1"))
+    publisher.publish({"tipo_mensaje": "semaforos", "tipo_alarma": "ROJO", "empresa": "cota"})
+    wait_until(lambda: len(backend.alerts()) >= 1, 10, "semaforo forwarded")
+    url = f"http://127.0.0.1:{bridge.status_port}/"
+    env = dict(os.environ, HOME=str(tmp_path))
+    dom = subprocess.run(
+        chromium_cmd(tmp_path / "p", "--dump-dom", url), capture_output=True, text=True, env=env, timeout=90
+    ).stdout
+    for nombre in ("Cota", "Tocancipá", "Funza", "Madrid"):
+        assert nombre in dom, nombre
+    assert "en línea" in dom
+    assert "ROJO" in dom
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "status-page-e2e.png"
+    subprocess.run(
+        chromium_cmd(tmp_path / "p2", f"--screenshot={shot}", "--window-size=420,1400", url),
+        capture_output=True, env=env, timeout=90, check=True,
+    )  # fmt: skip
+    assert shot.stat().st_size > 10_000
+    assert Path(CHROMIUM).exists()
