@@ -87,6 +87,7 @@ class Sink:
         buf = self.bufs[sock]
         buf += data
         out = []
+        big = False
         pos = 0
         while True:
             end = buf.find(b"\r\n\r\n", pos)
@@ -102,6 +103,7 @@ class Sink:
                 break
             if buf.startswith(b"GET /_bench/", pos):
                 out.append(self._control(bytes(buf[pos + 12 : buf.find(b" ", pos + 12)])))
+                big = True
             else:
                 self.count += 1
                 f = FIELDS.search(buf, end + 4, stop)
@@ -112,7 +114,11 @@ class Sink:
         del buf[:pos]
         if out:
             try:
-                sock.sendall(b"".join(out))  # tiny answers: the socket buffer takes them
+                if big:  # a control answer can be megabytes: block until it is out
+                    sock.setblocking(True)
+                sock.sendall(b"".join(out))  # POST answers are tiny: the socket buffer takes them
+                if big:
+                    sock.setblocking(False)
             except (BrokenPipeError, ConnectionResetError, BlockingIOError):
                 self._close(sock)
 

@@ -37,7 +37,7 @@ from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis
 from .queues.streams import DurableStream
 from .router import Router
-from .sdnotify import notify_loop
+from .sdnotify import notify_loop, stopping
 from .sinks.backend import BackendSink
 from .sinks.whatsapp import WhatsAppSink
 from .state import HashStore
@@ -303,7 +303,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             settings=s,
             book=bridge.book,
             devices=bridge.watchdog.devices,
-            send=wa_sink.send_now,
+            send=wa_sink.post,
             publish=bridge.publish,
             emit=bridge.outbox.emit,
         )
@@ -313,6 +313,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                 _shutdown_on_signal, nursery.cancel_scope, intake, bridge, s.shutdown_grace
             )
             await nursery.start(bridge.link.run)
+            await bridge.alarms.load()
+            bridge.book.reload()
             if s.status.listen:
                 await nursery.start(
                     lambda task_status=trio.TASK_STATUS_IGNORED: serve_status(
@@ -387,6 +389,7 @@ async def _shutdown_on_signal(
                 signal.Signals(signum).name,
                 grace,
             )
+            stopping()
             intake.cancel()
             with trio.move_on_after(grace):
                 # Memory-held events are lost on exit; Redis-held ones are not.

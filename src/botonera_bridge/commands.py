@@ -394,6 +394,7 @@ async def _semaforo(
             "empresa": empresa,
             "origen": "whatsapp",
             "por": msg.sender,
+            "ref": msg.id,  # the WhatsApp message id: lets the panel side trace the order
         }
     )
     topic = COMMAND_TOPIC.format(empresa=empresa)

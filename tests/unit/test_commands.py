@@ -357,7 +357,8 @@ async def test_acuse_id_is_stable_per_alarm() -> None:
 )
 async def test_semaforo_publishes_to_the_empresa(body: str) -> None:
     ctx, fake = make()
-    await handle(ctx, inbound(B, body))
+    msg = inbound(B, body)
+    await handle(ctx, msg)
     assert len(fake.published) == 1
     topic, payload = fake.published[0]
     assert topic == "comandos/cota"
@@ -367,6 +368,7 @@ async def test_semaforo_publishes_to_the_empresa(body: str) -> None:
         "empresa": "cota",
         "origen": "whatsapp",
         "por": B,
+        "ref": msg.id,
     }
     assert fake.to(B) == ["🚦 Semáforo 🔴 ROJO (emergencia) enviado a Cota."]
     assert ctx.book.semaforo("cota") is None  # the panel reports the change itself

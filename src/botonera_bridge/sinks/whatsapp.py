@@ -250,6 +250,17 @@ class WhatsAppSink:
                 status=first.status,
             ) from first
 
+    async def post(self, to: Sequence[str], text: str) -> None:
+        """Queue ``text`` for each number and return at once (command replies,
+        escalations): posts keep their order per number, and a number held back
+        by the 6 s spacing never holds up the caller. Failures are logged by the
+        delivery itself."""
+        recipients = _unique(to)
+        if not recipients:
+            return
+        await self._running.wait()
+        self._enqueue(_Message("direct", recipients, ready_at=self._clock(), text=text))
+
     def statistics(self) -> SinkStatistics:
         return SinkStatistics(
             in_flight=self._in_flight,
