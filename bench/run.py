@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from mqttpub import Publisher  # noqa: E402
-
 from tests.support.bridge import BridgeProc  # noqa: E402
 from tests.support.procs import Mosquitto, Redis, free_port, wait_port  # noqa: E402
+
+from mqttpub import Publisher  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PYZ = ROOT / "dist" / "botonera-bridge.pyz"
@@ -310,11 +310,13 @@ def run_once(target: Target, sink: Sink, run_no: int, *, profile: Path | None = 
                 time.sleep(1.0)  # let py-spy attach
             seqs = range(base, base + BURST)
             c0 = cpu_s(p)
+            s0 = sink.stats()["cpu_s"]
             t0 = time.time_ns()
             pub.burst(seqs)
             res.burst_pub_rate = BURST / ((time.time_ns() - t0) / 1e9)
             got = sink.wait_seqs(seqs, DRAIN_TIMEOUT)
             c1 = cpu_s(p)
+            res.extra["sink_us"] = (sink.stats()["cpu_s"] - s0) / BURST * 1e6
             last = max(r for _, r in got.values())
             res.throughput = BURST / ((last - t0) / 1e9)
             res.cpu_us = (c1 - c0) / BURST * 1e6
@@ -338,6 +340,8 @@ def run_once(target: Target, sink: Sink, run_no: int, *, profile: Path | None = 
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
         proc.stop()
+        log = getattr(proc, "log", "")
+        res.extra["log_lines"] = len(log.splitlines()) if isinstance(log, str) else 0
         mosq.cleanup()
         if redis:
             redis.cleanup()
@@ -494,7 +498,9 @@ def http_clients(sink: Sink, n: int) -> list[dict[str, Any]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--no-http11", action="store_true", help="skip the monkeypatched Http11Pool bridge")
+    ap.add_argument(
+        "--no-http11", action="store_true", help="skip the monkeypatched Http11Pool bridge"
+    )
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -543,10 +549,18 @@ def main() -> int:
             for t in targets:
                 r = run_once(t, sink, run_no)
                 results[t.name].append(r)
-                print(f"  run {run_no + 1} {t.name}: {r.throughput:,.0f} msg/s, {r.cpu_us:.0f} µs/msg, "
-                      f"p99 {r.p99:.2f} ms, rss {r.idle_rss:.1f}/{r.peak_rss:.1f} MB "
+                print(f"  run {run_no + 1} {t.name}: {r.throughput:,.0f} msg/s, "
+                      f"{r.cpu_us:.0f} µs/msg, p99 {r.p99:.2f} ms, "
+                      f"rss {r.idle_rss:.1f}/{r.peak_rss:.1f} MB "
                       f"[{time.monotonic() - started:.0f}s]", flush=True)
         names = [t.name for t in targets if t.name != "naive"]
+        sink_us = statistics.median(r.extra["sink_us"] for rs in results.values() for r in rs)
+        say(f"- sink CPU per POST during the bursts (no pipelining): {sink_us:.0f} µs median, "
+            f"i.e. about {1e6 / sink_us:,.0f} POST/s on one core")
+        for name in names:
+            lines = [r.extra.get("log_lines", 0) for r in results[name]]
+            say(f"- {name}: WARNING+ log lines per run: {lines}")
+        say()
         say(f"## Results (medians of {args.runs} runs)")
         say()
         say(table(results, names))

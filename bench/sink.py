@@ -25,7 +25,10 @@ import socket
 import sys
 import time
 
-OK = b'HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"status":"ok"}'
+OK = (
+    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+    b'{"status":"ok"}'
+)
 FIELDS = re.compile(rb'"seq":\s*(-?\d+).*?"sent_ns":\s*(\d+)', re.S)
 CL = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
 MAX_HEAD = 65536

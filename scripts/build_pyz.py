@@ -11,7 +11,17 @@ root = Path(__file__).resolve().parent.parent
 conf = tomllib.loads((root / "shiv.toml").read_text())
 out = root / conf["output"]
 out.parent.mkdir(parents=True, exist_ok=True)
-cmd = [sys.executable, "-m", "shiv", "-e", conf["entry_point"], "-o", str(out), "-p", conf["python"]]
+cmd = [
+    sys.executable,
+    "-m",
+    "shiv",
+    "-e",
+    conf["entry_point"],
+    "-o",
+    str(out),
+    "-p",
+    conf["python"],
+]
 if conf.get("reproducible"):
     cmd.append("--reproducible")
 if conf.get("compile_pyc"):

@@ -128,7 +128,8 @@ class Bridge:
 
     # -- inbox -------------------------------------------------------------------------------
     async def on_inbound(self, msg: Inbound) -> None:
-        (receipt,) = await self.inbox.append([(_inbound_encoder.encode(msg), msg.id)])
+        # WhatsApp message ids are unique: any repeat is the gateway re-sending it.
+        (receipt,) = await self.inbox.append([(_inbound_encoder.encode(msg), f"?{msg.id}")])
         del receipt  # inbound messages are not acknowledged upstream
 
     async def inbox_workers(self, ctx: CommandContext) -> None:
@@ -355,7 +356,6 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                     async with trio.open_nursery() as n:
                         if ws_enabled and s.websocket.url:
                             bridge.ws_enabled = True
-                            bridge.health.require("websocket")
                             await n.start(partial(
                                 receive, s.websocket.url, s.websocket.reconnect_delay,
                                 bridge.on_inbound, health=bridge.health, metrics=bridge.metrics,
@@ -368,6 +368,12 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
 
             await nursery.start(intake_tasks)
             bridge.ready.set()
+            if not s.redis.url:
+                log.warning(
+                    "redis.url is empty: queues live in memory only; MQTT messages are "
+                    "acknowledged only once delivered, and a crash loses nothing the broker "
+                    "still holds, but dead letters and panel state do not survive a restart"
+                )
             log.info(
                 "botonera-bridge running: mqtt=%s websocket=%s redis=%s status=%s",
                 f"{s.mqtt.broker}:{s.mqtt.port}" if mqtt is not None else "off",

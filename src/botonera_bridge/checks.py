@@ -11,7 +11,7 @@ import trio
 import trio_websocket
 
 from . import USER_AGENT
-from .config import Settings
+from .config import MqttSettings, Settings
 from .errors import BridgeError, MqttError, RedisError
 from .mqtt import MqttMessage, open_mqtt
 from .queues.redis_client import open_redis
@@ -25,6 +25,12 @@ Result = tuple[bool, str, str]
 
 def _cli_client_id(settings: Settings, what: str) -> str:
     return f"{settings.mqtt.client_id}-{what}-{os.getpid()}"
+
+
+def _cli_mqtt(settings: Settings) -> MqttSettings:
+    """The broker settings for a short-lived CLI client: it must never subscribe to the
+    panels' topics (nor join the bridge's shared group) and take messages from the bridge."""
+    return msgspec.structs.replace(settings.mqtt, topics=(), shared_group="")
 
 
 async def check_broker(settings: Settings) -> Result:
@@ -162,7 +168,7 @@ async def send_test(settings: Settings, empresa: str, wait_seconds: float) -> tu
     try:
         with trio.fail_after(CHECK_TIMEOUT):
             stack = open_mqtt(
-                settings.mqtt,
+                _cli_mqtt(settings),
                 client_id=_cli_client_id(settings, "test"),
                 clean_session=True,
                 status_topic=False,

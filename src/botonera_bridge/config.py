@@ -100,6 +100,7 @@ class EscalationSettings(_Section, frozen=True):
 class StatusSettings(_Section, frozen=True):
     listen: str = "127.0.0.1:9108"
     token: str = ""
+    token_file: str = ""
 
 
 class LogSettings(_Section, frozen=True):
@@ -158,6 +159,7 @@ _ENV: Final[dict[str, tuple[str, str, str]]] = {
     "WHATSAPP_PHONE_NUMBER_ID": ("whatsapp", "phone_number_id", "str"),
     "HEARTBEAT_TIMEOUT": ("heartbeat", "timeout", "float"),
     "STATUS_LISTEN": ("status", "listen", "str"),
+    "STATUS_TOKEN": ("status", "token", "str"),
     "LOG_LEVEL": ("log", "level", "str"),
     "LOG_FORMAT": ("log", "format", "str"),
 }
@@ -190,7 +192,8 @@ def load(explicit: str | None = None, env: Mapping[str, str] | None = None) -> S
             raise ConfigError(f"cannot read config file: {exc}", source=source) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"invalid TOML: {exc}", source=source) from exc
-    raw.pop("source", None)
+    if "source" in raw:  # an internal field, never a key of the file
+        raise ConfigError("unknown key 'source'", source=source, key="source")
     return from_mapping(raw, env=env, source=source)
 
 
@@ -267,6 +270,10 @@ def _finish(s: Settings, source: str) -> Settings:
         wa = msgspec.structs.replace(
             wa, token=_read_secret(wa.token_file, source, "whatsapp.token_file")
         )
+    status = s.status
+    if status.token_file and not status.token:
+        tok = _read_secret(status.token_file, source, "status.token_file")
+        status = msgspec.structs.replace(status, token=tok)
     if mqtt.qos not in (0, 1, 2):
         raise ConfigError("mqtt.qos must be 0, 1 or 2", source=source, key="mqtt.qos")
     if not mqtt.topics:
@@ -309,6 +316,7 @@ def _finish(s: Settings, source: str) -> Settings:
         mqtt=mqtt,
         backend=backend,
         whatsapp=wa,
+        status=status,
         empresas=tuple(empresas.values()),
         log=msgspec.structs.replace(s.log, level=s.log.level.upper()),
     )

@@ -97,6 +97,7 @@ class MqttMessage(NamedTuple):
     qos: int
     generation: int  # the connection it arrived on (see MqttClient.ack)
     received_ns: int  # time.time_ns() when it was read from the socket
+    dup: bool = False  # DUP flag: the broker is re-delivering it (we may have it already)
 
 
 class MqttStatistics(NamedTuple):
@@ -671,7 +672,7 @@ class MqttClient:
             topic = bytes(m._topic).decode("utf-8", "replace")
         payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload)
         self._buffer.append(
-            MqttMessage(topic, payload, m.mid, m.qos, self._generation, time.time_ns())
+            MqttMessage(topic, payload, m.mid, m.qos, self._generation, time.time_ns(), bool(m.dup))
         )
         self._received += 1
         self._have_msgs.unpark_all()

@@ -79,6 +79,7 @@ class DeadLetters:
         )
         if self.link.up:
             try:
+                await self._flush()  # anything parked in memory while Redis was away goes first
                 await self._xadd([dl])
                 return
             except RedisError as exc:

@@ -112,8 +112,10 @@ class Router:
                 log.debug(
                     "event %s (tipo=%s) flagged: %s", event.id, event.tipo, ",".join(event.flags)
                 )
-            strong = _has_identity(msg)
-            to_append.append((event, event.id if strong else ""))
+            key = ""
+            if _has_identity(msg):
+                key = f"?{event.id}" if m.dup else event.id
+            to_append.append((event, key))
             out.append((m, None))
         receipts = iter(await self.outbox.append(to_append))
         return [(m, r if r is not None else next(receipts)) for m, r in out]

@@ -129,7 +129,9 @@ def keys_by_seq(backend: Backend) -> dict[int, set[str]]:
     return out
 
 
-def wait_all_seqs(backend: Backend, expected: set[int], timeout: float, every: float = 0.5) -> set[int]:
+def wait_all_seqs(
+    backend: Backend, expected: set[int], timeout: float, every: float = 0.5
+) -> set[int]:
     """Poll the backend until every expected seq is stored; assert with what is missing."""
     deadline = time.monotonic() + timeout
     got: set[int] = set()

@@ -31,9 +31,13 @@ def test_broker_restart_mid_stream_loses_nothing(bridge_factory, backend, publis
     pub.finish(60)
     wait_all_seqs(backend, set(range(N)), timeout=60)
     took = time.monotonic() - t0
-    assert bridge.running() and bridge.pid == pid
+    assert bridge.running()
+    assert bridge.pid == pid
     assert all(len(k) == 1 for k in keys_by_seq(backend).values())
     assert len(backend.alerts()) == N
     log = bridge.log_text()
     assert "reconnecting" in log
-    print(f"scenario 2: broker restarted at {at_restart} delivered, backlog {backlog}; all {N} {took:.1f}s later")
+    print(
+        f"scenario 2: broker restarted at {at_restart} delivered, backlog {backlog}; "
+        f"all {N} {took:.1f}s later"
+    )

@@ -16,7 +16,9 @@ PYZ = ROOT / "dist" / "botonera-bridge.pyz"
 @pytest.fixture(scope="session")
 def pyz(tmp_path_factory) -> str:
     """Build the .pyz once per run, exactly as `make pyz` does."""
-    res = subprocess.run(["make", "-B", "pyz"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        ["make", "-B", "pyz"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert PYZ.is_file()
     return str(PYZ)
@@ -33,14 +35,21 @@ def test_pyz_help_and_offline_check(pyz, tmp_path):
     helped = subprocess.run([pyz, "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert helped.returncode == 0 and "send-test" in helped.stdout
     checked = subprocess.run(
-        [pyz, "check-config", "--offline"], capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path
+        [pyz, "check-config", "--offline"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert checked.returncode == 0, checked.stderr
     assert '"broker": "localhost"' in checked.stdout
 
 
 def test_pyz_runs_the_samples(pyz, tmp_path, mosquitto, backend):
-    bridge = BridgeProc(mqtt_port=mosquitto.port, backend_url=backend.url, argv=[pyz], env=_env(tmp_path))
+    bridge = BridgeProc(
+        mqtt_port=mosquitto.port, backend_url=backend.url, argv=[pyz], env=_env(tmp_path)
+    )
     publisher = Publisher(mosquitto.port)
     try:
         bridge.start()

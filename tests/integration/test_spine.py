@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.bridge import ROOT, BridgeProc, Publisher, wait_until
 
-SAMPLES = (ROOT.parent / "shared" / "samples" / "botonera.jsonl")
+SAMPLES = ROOT.parent / "shared" / "samples" / "botonera.jsonl"
 SAMPLE_LINES = [
     b'{"tipo_mensaje": "semaforos", "tipo_alarma": "AZUL", "empresa": "cota"}',
     b'{"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "Fallo en sistema"}',
@@ -48,7 +48,11 @@ def check_samples(backend, publisher) -> None:
     for line in SAMPLE_LINES:
         publisher.publish(line)
     posts = wait_until(
-        lambda: [r for r in backend.requests() if r["status"] < 300] if len(backend.requests()) >= 4 else None,
+        lambda: (
+            [r for r in backend.requests() if r["status"] < 300]
+            if len(backend.requests()) >= 4
+            else None
+        ),
         15,
         "4 backend POSTs",
     )
@@ -78,12 +82,20 @@ def test_samples_reach_backend(bridge_factory, backend, publisher):
     check_samples(backend, publisher)
 
 
-def test_backend_outage_then_all_delivered_in_order(bridge_factory, backend, publisher, redis_server):
+def test_backend_outage_then_all_delivered_in_order(
+    bridge_factory, backend, publisher, redis_server
+):
     bridge_factory(redis_url=redis_server.url).start()
     backend.fault(status=503, seconds=15)
     empresas = ["cota", "tocancipa", "funza", "madrid"]
     msgs = [
-        {"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": f"n{i}", "empresa": empresas[i % 4], "seq": i}
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "CRITICA",
+            "descripcion": f"n{i}",
+            "empresa": empresas[i % 4],
+            "seq": i,
+        }
         for i in range(200)
     ]
     publisher.publish_all(msgs)
@@ -103,7 +115,7 @@ def test_backend_outage_then_all_delivered_in_order(bridge_factory, backend, pub
 
 BAD_INPUTS = [
     ("invalid_json", b'{"tipo_mensaje": "alarmas", '),
-    ("invalid_schema", b'[1, 2, 3]'),
+    ("invalid_schema", b"[1, 2, 3]"),
     ("unknown_tipo", b'{"tipo_mensaje": "bogus", "empresa": "cota"}'),
     # 100,000-deep is 200 KB: over max_payload before any parsing
     ("too_large", b'{"tipo_mensaje": "alarmas", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
@@ -115,20 +127,42 @@ BAD_INPUTS = [
 ]
 
 
-def test_bad_input_dead_lettered_counted_and_next_alarm_flows(bridge_factory, backend, publisher, redis_server):
+def test_bad_input_dead_lettered_counted_and_next_alarm_flows(
+    bridge_factory, backend, publisher, redis_server
+):
     bridge = bridge_factory(redis_url=redis_server.url).start()
     backend.fault(status=422, empresa="funza", count=1)
     pid = bridge.pid
     for _, payload in BAD_INPUTS:
         publisher.publish(payload)
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "X", "descripcion": "rechazada", "empresa": "funza"})
+    publisher.publish(
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "X",
+            "descripcion": "rechazada",
+            "empresa": "funza",
+        }
+    )
     t0 = time.monotonic()
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "ok", "empresa": "cota"})
-    wait_until(lambda: any(a["payload"].get("descripcion") == "ok" for a in backend.alerts()), 10, "valid alarm")
+    publisher.publish(
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "CRITICA",
+            "descripcion": "ok",
+            "empresa": "cota",
+        }
+    )
+    wait_until(
+        lambda: any(a["payload"].get("descripcion") == "ok" for a in backend.alerts()),
+        10,
+        "valid alarm",
+    )
     assert time.monotonic() - t0 < 1.0 + 0.5  # publish-to-stored, including polling slack
     assert bridge.running() and bridge.pid == pid
     n = len(BAD_INPUTS) + 1
-    entries = wait_until(lambda: d if len(d := dead_letters(bridge)) >= n else None, 10, f"{n} dead letters")
+    entries = wait_until(
+        lambda: d if len(d := dead_letters(bridge)) >= n else None, 10, f"{n} dead letters"
+    )
     reasons = {e["reason"] for e in entries}
     assert {r for r, _ in BAD_INPUTS} <= reasons
     assert "backend_422" in reasons
@@ -148,20 +182,45 @@ def test_check_config(bridge_factory, tmp_path, mosquitto):
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('[mqtt]\nbroker = "x"\nbrokr = "typo"\n')
-    res = subprocess.run([*bridge.argv, "check-config", "--config", str(bad)], capture_output=True, text=True, env=bridge.env)
+    res = subprocess.run(
+        [*bridge.argv, "check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        env=bridge.env,
+    )
     assert res.returncode == 2
     assert "mqtt.brokr" in res.stderr and str(bad) in res.stderr
     canary = "CANARY-s3cr3t-Pw"
     conf = tmp_path / "c.toml"
-    conf.write_text(f'[mqtt]\nbroker = "127.0.0.1"\nport = 1\npassword = "{canary}"\n[backend]\ntoken = "{canary}"\n[redis]\nurl = ""\n[websocket]\nurl = ""\n')
-    res = subprocess.run([*bridge.argv, "check-config", "--config", str(conf)], capture_output=True, text=True, env=bridge.env, timeout=60)
+    conf.write_text(
+        f'[mqtt]\nbroker = "127.0.0.1"\nport = 1\npassword = "{canary}"\n[backend]\ntoken = "{canary}"\n[redis]\nurl = ""\n[websocket]\nurl = ""\n'
+    )
+    res = subprocess.run(
+        [*bridge.argv, "check-config", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+        env=bridge.env,
+        timeout=60,
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     assert "✗ broker MQTT" in res.stdout
     assert "✓" in res.stdout
     assert canary not in res.stdout + res.stderr
-    good = subprocess.run([*bridge.argv, "check-config", "--config", str(bridge.config)], capture_output=True, text=True, env=bridge.env, timeout=60)
+    good = subprocess.run(
+        [*bridge.argv, "check-config", "--config", str(bridge.config)],
+        capture_output=True,
+        text=True,
+        env=bridge.env,
+        timeout=60,
+    )
     assert "✓ broker MQTT" in good.stdout, good.stdout
-    env_secret = subprocess.run([*bridge.argv, "check-config", "--offline", "--config", str(bridge.config)], capture_output=True, text=True, env={**bridge.env, "MQTT_PASSWORD": canary}, timeout=60)
+    env_secret = subprocess.run(
+        [*bridge.argv, "check-config", "--offline", "--config", str(bridge.config)],
+        capture_output=True,
+        text=True,
+        env={**bridge.env, "MQTT_PASSWORD": canary},
+        timeout=60,
+    )
     assert env_secret.returncode == 0 and canary not in env_secret.stdout + env_secret.stderr
 
 
@@ -188,10 +247,15 @@ def test_send_test_broker_unreachable(bridge_factory, mosquitto):
     assert "broker unreachable" in res.stderr
 
 
-def test_sigterm_under_load_exits_0_and_loses_nothing(bridge_factory, backend, publisher, redis_server):
+def test_sigterm_under_load_exits_0_and_loses_nothing(
+    bridge_factory, backend, publisher, redis_server
+):
     bridge = bridge_factory(redis_url=redis_server.url).start()
     backend.fault(delay=0.01)
-    msgs = [{"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota", "seq": i} for i in range(1000)]
+    msgs = [
+        {"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota", "seq": i}
+        for i in range(1000)
+    ]
     for m in msgs:
         publisher.publish(m)
     time.sleep(0.5)
@@ -200,16 +264,26 @@ def test_sigterm_under_load_exits_0_and_loses_nothing(bridge_factory, backend, p
     assert time.monotonic() - t0 < 15
     backend.clear_fault()
     bridge.start()
-    wait_until(lambda: {a["payload"]["seq"] for a in backend.alerts()} >= set(range(1000)), 60, "all 1000 seqs")
+    wait_until(
+        lambda: {a["payload"]["seq"] for a in backend.alerts()} >= set(range(1000)),
+        60,
+        "all 1000 seqs",
+    )
 
 
 def test_log_lines_carry_event_fields(bridge_factory, publisher, backend):
     bridge = bridge_factory(conf={"log": {"format": "json"}}).start()
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "empresa": "cota", "id": "abc"})
+    publisher.publish(
+        {"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "empresa": "cota", "id": "abc"}
+    )
     wait_until(lambda: backend.alerts(), 10, "alert")
     lines = [json.loads(ln) for ln in bridge.log_text().splitlines() if ln.startswith("{")]
     delivered = [ln for ln in lines if "delivered to backend" in ln["msg"]]
-    assert delivered and "empresa=cota" in delivered[0]["msg"] and "tipo=alarmas" in delivered[0]["msg"]
+    assert (
+        delivered
+        and "empresa=cota" in delivered[0]["msg"]
+        and "tipo=alarmas" in delivered[0]["msg"]
+    )
 
 
 def test_sigint_is_clean_too(bridge_factory):

@@ -42,7 +42,9 @@ def publisher(mosquitto):
 
 def watchdog_events(backend) -> list[dict]:
     return [
-        a["payload"] for a in backend.alerts() if a["payload"].get("_bridge", {}).get("origen") == "watchdog"
+        a["payload"]
+        for a in backend.alerts()
+        if a["payload"].get("_bridge", {}).get("origen") == "watchdog"
     ]
 
 
@@ -60,7 +62,9 @@ def test_offline_then_online(bridge_factory, backend, publisher):
     assert off[0]["status"] == "offline" and off[0]["tipo_mensaje"] == "estado"
     assert (off[0]["empresa"], off[0]["sede"], off[0]["dispositivo"]) == ("cota", "sede1", "dev1")
     publisher.publish(heartbeat("cota", "sede1", "dev1"))
-    events = wait_until(lambda: e if len(e := watchdog_events(backend)) >= 2 else None, 5, "online event")
+    events = wait_until(
+        lambda: e if len(e := watchdog_events(backend)) >= 2 else None, 5, "online event"
+    )
     assert events[1]["status"] == "online"
 
 
@@ -92,7 +96,9 @@ def test_readyz_follows_the_broker(bridge_factory, mosquitto):
     assert wait_until(lambda: bridge.http("/readyz")[0] == 200, 5, "ready")
     mosquitto.stop()
     t0 = time.monotonic()
-    code, body = wait_until(lambda: r if (r := bridge.http("/readyz"))[0] == 503 else None, 10, "503")
+    code, body = wait_until(
+        lambda: r if (r := bridge.http("/readyz"))[0] == 503 else None, 10, "503"
+    )
     assert time.monotonic() - t0 < 10
     assert b"mqtt" in body
     mosquitto.start()
@@ -103,7 +109,9 @@ def test_readyz_follows_the_broker(bridge_factory, mosquitto):
 def test_metrics_count_what_was_sent(bridge_factory, backend, publisher):
     bridge = bridge_factory().start()
     for i in range(10):
-        publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota", "seq": i})
+        publisher.publish(
+            {"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota", "seq": i}
+        )
     wait_until(lambda: len(backend.alerts()) >= 10, 10, "10 alerts")
 
     def sample(name: str, **labels: str) -> float | None:
@@ -140,7 +148,9 @@ def test_systemd_notify(bridge_factory, mosquitto, tmp_path):
                 pass
 
     try:
-        bridge = bridge_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}).start()
+        bridge = bridge_factory(
+            env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+        ).start()
         collect(3)
         texts = [t for _, t in got]
         assert any("READY=1" in t for t in texts)
@@ -177,7 +187,11 @@ def test_page_in_chromium_shows_live_state(bridge_factory, backend, publisher, t
     url = f"http://127.0.0.1:{bridge.status_port}/"
     env = dict(os.environ, HOME=str(tmp_path))
     dom = subprocess.run(
-        chromium_cmd(tmp_path / "p", "--dump-dom", url), capture_output=True, text=True, env=env, timeout=90
+        chromium_cmd(tmp_path / "p", "--dump-dom", url),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
     ).stdout
     for nombre in ("Cota", "Tocancipá", "Funza", "Madrid"):
         assert nombre in dom, nombre

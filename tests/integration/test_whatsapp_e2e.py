@@ -40,7 +40,12 @@ def bridge_factory(mosquitto, backend, wa, gateway):
 
     def make(conf=None, **kw):
         base = {
-            "whatsapp": {"provider": "cloud", "api_url": wa.url, "phone_number_id": "1055", "token": "wa-tok"},
+            "whatsapp": {
+                "provider": "cloud",
+                "api_url": wa.url,
+                "phone_number_id": "1055",
+                "token": "wa-tok",
+            },
             "websocket": {"url": gateway.url, "reconnect_delay": 0.2},
             "central": [CENTRAL],
             "empresas": [{"id": "cota", "nombre": "Cota", "contactos": [ANA, BETO]}],
@@ -70,7 +75,10 @@ def sent_to(wa: FakeWhatsApp, number: str) -> list[tuple[float, str]]:
     return [
         (r.at, r.json["text"]["body"])
         for r in wa.requests()
-        if r.status < 300 and isinstance(r.json, dict) and r.json.get("to") == digits and "text" in r.json
+        if r.status < 300
+        and isinstance(r.json, dict)
+        and r.json.get("to") == digits
+        and "text" in r.json
     ]
 
 
@@ -81,7 +89,14 @@ def wait_ws(bridge: BridgeProc) -> None:
 def test_cloud_delivery_within_1s_and_log_masked(bridge_factory, wa, publisher):
     bridge = bridge_factory().start()
     t0 = time.monotonic()
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "Fallo en sistema", "empresa": "cota"})
+    publisher.publish(
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "CRITICA",
+            "descripcion": "Fallo en sistema",
+            "empresa": "cota",
+        }
+    )
     (at, text), *_ = wait_until(lambda: sent_to(wa, ANA), 5, "message to Ana")
     assert at - t0 < 1.0, at - t0
     assert "Cota" in text and "Fallo en sistema" in text
@@ -99,7 +114,14 @@ def test_whatsapp_independent_of_backend(bridge_factory, wa, publisher, backend,
     backend.fault(status=503, seconds=600)
     bridge_factory(redis_url=redis_server.url).start()
     t0 = time.monotonic()
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "sin backend", "empresa": "cota"})
+    publisher.publish(
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "CRITICA",
+            "descripcion": "sin backend",
+            "empresa": "cota",
+        }
+    )
     (at, text), *_ = wait_until(lambda: sent_to(wa, ANA), 5, "message to Ana")
     assert at - t0 < 1.0 and "sin backend" in text
     assert backend.alerts() == []
@@ -107,7 +129,12 @@ def test_whatsapp_independent_of_backend(bridge_factory, wa, publisher, backend,
 
 def test_identical_alarms_coalesce(bridge_factory, wa, publisher):
     bridge_factory().start()
-    alarm = {"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "Humo", "empresa": "cota"}
+    alarm = {
+        "tipo_mensaje": "alarmas",
+        "tipo_alarma": "CRITICA",
+        "descripcion": "Humo",
+        "empresa": "cota",
+    }
     for _ in range(10):
         publisher.publish(alarm)
     wait_until(lambda: sent_to(wa, ANA), 5, "message to Ana")
@@ -119,8 +146,17 @@ def test_identical_alarms_coalesce(bridge_factory, wa, publisher):
 
 def test_template_message(bridge_factory, wa, publisher):
     bridge_factory(conf={"whatsapp": {"template": "alerta_botonera"}}).start()
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "Gas", "empresa": "cota"})
-    req = wait_until(lambda: [r for r in wa.requests() if r.json.get("type") == "template"], 5, "template")[0]
+    publisher.publish(
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "CRITICA",
+            "descripcion": "Gas",
+            "empresa": "cota",
+        }
+    )
+    req = wait_until(
+        lambda: [r for r in wa.requests() if r.json.get("type") == "template"], 5, "template"
+    )[0]
     assert req.json["template"]["name"] == "alerta_botonera"
     assert req.json["template"]["language"]["code"] == "es"
     params = [p["text"] for p in req.json["template"]["components"][0]["parameters"]]
@@ -130,12 +166,31 @@ def test_template_message(bridge_factory, wa, publisher):
 def test_estado_authorized_and_stranger(bridge_factory, wa, publisher, gateway, backend):
     bridge = bridge_factory().start()
     wait_ws(bridge)
-    publisher.publish({"tipo_mensaje": "heartbeat", "empresa": "cota", "sede": "principal", "dispositivo": "panel1"})
-    publisher.publish({"tipo_mensaje": "semaforos", "tipo_alarma": "VERDE", "empresa": "cota", "sede": "principal", "dispositivo": "panel1"})
+    publisher.publish(
+        {
+            "tipo_mensaje": "heartbeat",
+            "empresa": "cota",
+            "sede": "principal",
+            "dispositivo": "panel1",
+        }
+    )
+    publisher.publish(
+        {
+            "tipo_mensaje": "semaforos",
+            "tipo_alarma": "VERDE",
+            "empresa": "cota",
+            "sede": "principal",
+            "dispositivo": "panel1",
+        }
+    )
     wait_until(lambda: backend.alerts(), 5, "semaforo at backend")
     gateway.send(waha("false_x_1", ANA.lstrip("+"), "estado"))
     gateway.send(waha("false_x_2", STRANGER, "ESTADO"))
-    replies = wait_until(lambda: [t for _, t in sent_to(wa, ANA) if "panel1" in t], 12, "ESTADO reply (behind the 6 s spacing)")
+    replies = wait_until(
+        lambda: [t for _, t in sent_to(wa, ANA) if "panel1" in t],
+        12,
+        "ESTADO reply (behind the 6 s spacing)",
+    )
     time.sleep(1.0)
     assert len([t for _, t in sent_to(wa, ANA) if "panel1" in t]) == 1
     assert "Cota" in replies[0] and "VERDE" in replies[0]
@@ -149,12 +204,24 @@ def test_estado_authorized_and_stranger(bridge_factory, wa, publisher, gateway, 
 def test_ack_flow_stops_escalation(bridge_factory, wa, publisher, gateway, backend):
     bridge = bridge_factory(conf={"escalation": {"after": 2, "max": 3}}).start()
     wait_ws(bridge)
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "Incendio", "empresa": "cota"})
+    publisher.publish(
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "CRITICA",
+            "descripcion": "Incendio",
+            "empresa": "cota",
+        }
+    )
     wait_until(lambda: sent_to(wa, ANA) and sent_to(wa, BETO), 5, "alarm to both contacts")
     gateway.send(waha("false_ack_1", ANA.lstrip("+"), "Recibido"))
     wait_until(lambda: [t for _, t in sent_to(wa, BETO) if "atendida por" in t], 10, "Beto told")
-    acuse = wait_until(lambda: [a for a in backend.alerts() if a["tipo_mensaje"] == "acuse"], 5, "acuse")[0]
-    assert acuse["payload"]["empresa"] == "cota" and acuse["payload"]["_bridge"]["origen"] == "whatsapp"
+    acuse = wait_until(
+        lambda: [a for a in backend.alerts() if a["tipo_mensaje"] == "acuse"], 5, "acuse"
+    )[0]
+    assert (
+        acuse["payload"]["empresa"] == "cota"
+        and acuse["payload"]["_bridge"]["origen"] == "whatsapp"
+    )
     time.sleep(5)  # two escalation periods
     everything = [t for r in wa.requests() for t in [json.dumps(r.json, ensure_ascii=False)]]
     assert not any("SIN ATENDER" in t for t in everything), everything
@@ -163,8 +230,19 @@ def test_ack_flow_stops_escalation(bridge_factory, wa, publisher, gateway, backe
 
 def test_escalation_without_ack_real_time(bridge_factory, wa, publisher, gateway):
     bridge_factory(conf={"escalation": {"after": 2, "max": 1}}).start()
-    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": "Nadie", "empresa": "cota"})
-    wait_until(lambda: [t for _, t in sent_to(wa, CENTRAL) if "SIN ATENDER" in t], 10, "escalation to central")
+    publisher.publish(
+        {
+            "tipo_mensaje": "alarmas",
+            "tipo_alarma": "CRITICA",
+            "descripcion": "Nadie",
+            "empresa": "cota",
+        }
+    )
+    wait_until(
+        lambda: [t for _, t in sent_to(wa, CENTRAL) if "SIN ATENDER" in t],
+        10,
+        "escalation to central",
+    )
 
 
 def test_semaforo_command_publishes_and_reconnect_dedups(bridge_factory, wa, gateway, mosquitto):
@@ -180,7 +258,10 @@ def test_semaforo_command_publishes_and_reconnect_dedups(bridge_factory, wa, gat
         bridge = bridge_factory().start()
         wait_ws(bridge)
         colors = ["ROJO", "AMARILLO", "VERDE"]
-        frames = [waha(f"false_sem_{i}", ANA.lstrip("+"), f"semáforo {c.lower()}") for i, c in enumerate(colors)]
+        frames = [
+            waha(f"false_sem_{i}", ANA.lstrip("+"), f"semáforo {c.lower()}")
+            for i, c in enumerate(colors)
+        ]
         gateway.send(frames[0])
         wait_until(lambda: len(got) >= 1, 10, "first command")
         for _ in range(2):  # the gateway drops us twice and resends everything it has
@@ -198,7 +279,9 @@ def test_semaforo_command_publishes_and_reconnect_dedups(bridge_factory, wa, gat
         sub.disconnect()
 
 
-def test_inbound_exactly_once_in_order_through_redis_loss(bridge_factory, gateway, mosquitto, redis_server):
+def test_inbound_exactly_once_in_order_through_redis_loss(
+    bridge_factory, gateway, mosquitto, redis_server
+):
     carla = "+573002223344"
     senders = [ANA, BETO, carla]
     got: list[dict] = []

@@ -21,7 +21,9 @@ class GatewayProc:
         self.dir = Path(tempfile.mkdtemp(prefix="bb-gateway-"))
         self.log = self.dir / "gateway.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, str(SERVER)], stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SERVER)], stdout=out, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             m = re.search(r"listening on (\S+) control (\S+)", self.log.read_text())

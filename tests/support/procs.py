@@ -138,6 +138,18 @@ class Redis(_Proc):
             "--appendfsync", "everysec",
         ]  # fmt: skip
 
+    def start(self) -> None:
+        super().start()
+        # the port opens before an AOF is loaded: wait until Redis answers PONG
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"redis on {self.port} still loading after 10s")
+
     def wipe(self) -> None:
         """Forget everything on disk: the next start is an empty Redis."""
         assert not self.running()

@@ -36,12 +36,18 @@ RECLAIM_IDLE_MS: Final = 60000  # a pending entry idle this long belongs to a de
 TOUCH_AFTER: Final = 20.0  # seconds: refresh idle time of our own in-flight entries
 MAX_DELIVERIES: Final = 10
 
-# One round trip, atomic: skip items whose dedup key was seen, append the rest.
+# One round trip, atomic: remember each item's dedup key; skip a re-delivered item
+# (key prefixed "?") whose key was already there; append the rest.
 _APPEND_LUA: Final = """
 local out = {}
 for i = 2, #ARGV, 3 do
   local ok = true
-  if ARGV[i] ~= '' then ok = redis.call('SET', ARGV[i], '1', 'NX', 'EX', ARGV[1]) end
+  local k = ARGV[i]
+  if string.sub(k, 1, 1) == '?' then
+    ok = redis.call('SET', string.sub(k, 2), '1', 'NX', 'EX', ARGV[1])
+  elseif k ~= '' then
+    redis.call('SET', k, '1', 'EX', ARGV[1])
+  end
   if ok then
     out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 1], 's', ARGV[i + 2])
   else
@@ -137,14 +143,16 @@ class DurableStream:
 
     # -- producing ---------------------------------------------------------------------------
     async def append(self, items: Sequence[tuple[bytes, str]], *, skip: str = "") -> list[Receipt]:
-        """Append (data, dedup_key) pairs in order. Duplicates (same non-empty key) are dropped
-        and reported safe. ``skip``: comma-separated groups that must not see these items.
-        Waits while the memory fallback is full."""
+        """Append (data, dedup_key) pairs in order. Every non-empty key is remembered; a key
+        written ``"?key"`` marks a re-delivery, dropped (and reported safe) when the key was
+        seen before. Only re-deliveries are checked: a panel that reuses an id after a reboot
+        must never lose a fresh alarm. ``skip``: comma-separated groups that must not see
+        these items. Waits while the memory fallback is full."""
         async with self._lock:
             fresh: list[tuple[bytes, str]] = []
             out: list[Receipt | None] = []
             for data, key in items:
-                if key and key in self._seen:
+                if key.startswith("?") and key[1:] in self._seen:
                     out.append(SAFE)
                     continue
                 fresh.append((data, key))
@@ -154,7 +162,7 @@ class DurableStream:
             result = [r if r is not None else next(it) for r in out]
             for _, key in fresh:
                 if key:
-                    self._remember(key)
+                    self._remember(key.removeprefix("?"))
             return result
 
     def _remember(self, key: str) -> None:
@@ -203,7 +211,11 @@ class DurableStream:
         assert redis is not None
         args: list[bytes | str | int] = [DEDUP_TTL]
         for i, (data, key) in enumerate(items):
-            args += [f"{self.dedup_prefix}{key}" if key else "", data, skips[i] if skips else ""]
+            if key.startswith("?"):
+                key = f"?{self.dedup_prefix}{key[1:]}"
+            elif key:
+                key = f"{self.dedup_prefix}{key}"
+            args += [key, data, skips[i] if skips else ""]
         if not self._sha:
             self._sha = (await redis.execute("SCRIPT", "LOAD", _APPEND_LUA)).decode()
         try:
