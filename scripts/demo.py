@@ -61,9 +61,8 @@ def main() -> int:
             p = dict(a["payload"])
             meta = p.pop("_bridge")
             print(f"  #{a['id']} {a['tipo_mensaje']:<13} {json.dumps(p, ensure_ascii=False)}")
-            print(
-                f"      _bridge: id={meta['id']} origen={meta['origen']} flags={meta.get('flags', [])}"
-            )
+            flags = meta.get("flags", [])
+            print(f"      _bridge: id={meta['id']} origen={meta['origen']} flags={flags}")
         print("\nWhatsApp habría enviado (proveedor 'log'):")
         for line in bridge.log_text().splitlines():
             m = re.search(r"WhatsApp → .*", line)

@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import pytest
-
 from tests.integration.test_spine import check_samples
 from tests.support.bridge import ROOT, BridgeProc, Publisher
 
@@ -33,7 +32,8 @@ def _env(tmp) -> dict[str, str]:
 def test_pyz_help_and_offline_check(pyz, tmp_path):
     env = _env(tmp_path)
     helped = subprocess.run([pyz, "--help"], capture_output=True, text=True, env=env, timeout=60)
-    assert helped.returncode == 0 and "send-test" in helped.stdout
+    assert helped.returncode == 0
+    assert "send-test" in helped.stdout
     checked = subprocess.run(
         [pyz, "check-config", "--offline"],
         capture_output=True,

@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from tests.support.bridge import ROOT, BridgeProc, Publisher, wait_until
 
 SAMPLES = ROOT.parent / "shared" / "samples" / "botonera.jsonl"
@@ -158,7 +157,8 @@ def test_bad_input_dead_lettered_counted_and_next_alarm_flows(
         "valid alarm",
     )
     assert time.monotonic() - t0 < 1.0 + 0.5  # publish-to-stored, including polling slack
-    assert bridge.running() and bridge.pid == pid
+    assert bridge.running()
+    assert bridge.pid == pid
     n = len(BAD_INPUTS) + 1
     entries = wait_until(
         lambda: d if len(d := dead_letters(bridge)) >= n else None, 10, f"{n} dead letters"
@@ -189,11 +189,13 @@ def test_check_config(bridge_factory, tmp_path, mosquitto):
         env=bridge.env,
     )
     assert res.returncode == 2
-    assert "mqtt.brokr" in res.stderr and str(bad) in res.stderr
+    assert "mqtt.brokr" in res.stderr
+    assert str(bad) in res.stderr
     canary = "CANARY-s3cr3t-Pw"
     conf = tmp_path / "c.toml"
     conf.write_text(
-        f'[mqtt]\nbroker = "127.0.0.1"\nport = 1\npassword = "{canary}"\n[backend]\ntoken = "{canary}"\n[redis]\nurl = ""\n[websocket]\nurl = ""\n'
+        f'[mqtt]\nbroker = "127.0.0.1"\nport = 1\npassword = "{canary}"\n'
+        f'[backend]\ntoken = "{canary}"\n[redis]\nurl = ""\n[websocket]\nurl = ""\n'
     )
     res = subprocess.run(
         [*bridge.argv, "check-config", "--config", str(conf)],
@@ -221,7 +223,8 @@ def test_check_config(bridge_factory, tmp_path, mosquitto):
         env={**bridge.env, "MQTT_PASSWORD": canary},
         timeout=60,
     )
-    assert env_secret.returncode == 0 and canary not in env_secret.stdout + env_secret.stderr
+    assert env_secret.returncode == 0
+    assert canary not in env_secret.stdout + env_secret.stderr
 
 
 def test_send_test_ok_and_bridge_down(bridge_factory, redis_server):
@@ -230,7 +233,8 @@ def test_send_test_ok_and_bridge_down(bridge_factory, redis_server):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "OK" in res.stdout
     quiet = bridge.cli("send-test", "--empresa", "cota", "--quiet", "--timeout", "20")
-    assert quiet.returncode == 0 and quiet.stdout == ""
+    assert quiet.returncode == 0
+    assert quiet.stdout == ""
     bridge.terminate()
     t0 = time.monotonic()
     down = bridge.cli("send-test", "--empresa", "cota", "--timeout", "3")
@@ -279,11 +283,9 @@ def test_log_lines_carry_event_fields(bridge_factory, publisher, backend):
     wait_until(lambda: backend.alerts(), 10, "alert")
     lines = [json.loads(ln) for ln in bridge.log_text().splitlines() if ln.startswith("{")]
     delivered = [ln for ln in lines if "delivered to backend" in ln["msg"]]
-    assert (
-        delivered
-        and "empresa=cota" in delivered[0]["msg"]
-        and "tipo=alarmas" in delivered[0]["msg"]
-    )
+    assert delivered
+    assert "empresa=cota" in delivered[0]["msg"]
+    assert "tipo=alarmas" in delivered[0]["msg"]
 
 
 def test_sigint_is_clean_too(bridge_factory):

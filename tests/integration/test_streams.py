@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from botonera_bridge.errors import RedisError
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.queues.link import RedisLink
 from botonera_bridge.queues.redis_client import open_redis
@@ -20,9 +21,9 @@ async def _stream(redis, **kw):
     return link, stream
 
 
-async def _drain(stream, group, n, timeout=10):
+async def _drain(stream, group, n):
     got = []
-    with trio.fail_after(timeout):
+    with trio.fail_after(10):
         while len(got) < n:
             items = await stream.read(group, n - len(got), block_ms=100)
             got += items
@@ -80,7 +81,7 @@ async def test_memory_fallback_and_recovery_in_order(redis_server):
         redis_server.start()
         with trio.fail_after(15):
             while not link.up:
-                await trio.sleep(0.05)
+                await link.changed.wait()
         assert all(r.safe for r in receipts)  # moved into the stream: safe
         rest_a = await _drain(stream, "a", 2)  # "before" and mem2.. for a
         assert rest_a[0].data == b"before"
@@ -128,8 +129,9 @@ async def test_nogroup_after_empty_restart_recreates(redis_server, caplog):
                     await stream.append([(b"new", "")])
                     if link.up:
                         break
-                except Exception:
-                    pass
+                except RedisError:  # Redis still starting: the loop tries again
+                    await trio.sleep(0.1)
+                    continue
                 await trio.sleep(0.1)
         got = await _drain(stream, "a", 1)
         assert got[-1].data == b"new"

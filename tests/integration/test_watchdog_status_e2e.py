@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from tests.integration.test_status_server import CHROMIUM, NEEDS_CHROMIUM, chromium_cmd
 from tests.support.bridge import ROOT, BridgeProc, Publisher, wait_until
 
@@ -59,7 +58,8 @@ def test_offline_then_online(bridge_factory, backend, publisher):
     off = wait_until(lambda: watchdog_events(backend), 8, "offline event")
     elapsed = time.monotonic() - t0
     assert 3 <= elapsed <= 5, elapsed
-    assert off[0]["status"] == "offline" and off[0]["tipo_mensaje"] == "estado"
+    assert off[0]["status"] == "offline"
+    assert off[0]["tipo_mensaje"] == "estado"
     assert (off[0]["empresa"], off[0]["sede"], off[0]["dispositivo"]) == ("cota", "sede1", "dev1")
     publisher.publish(heartbeat("cota", "sede1", "dev1"))
     events = wait_until(
@@ -126,9 +126,13 @@ def test_metrics_count_what_was_sent(bridge_factory, backend, publisher):
     assert sample("botonera_messages_received_total", tipo="alarmas") == 10
     wait_until(lambda: sample("botonera_delivered_total", sink="backend") == 10, 5, "delivered 10")
     for name in (
-        "botonera_retries_total", "botonera_queue_depth", "botonera_devices", "botonera_mqtt_connected",
-        "botonera_redis_connected", "botonera_delivery_seconds_bucket",
-    ):  # fmt: skip
+        "botonera_retries_total",
+        "botonera_queue_depth",
+        "botonera_devices",
+        "botonera_mqtt_connected",
+        "botonera_redis_connected",
+        "botonera_delivery_seconds_bucket",
+    ):
         assert sample(name) is not None, name
 
 

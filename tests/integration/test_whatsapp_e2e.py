@@ -9,7 +9,6 @@ import time
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-
 from tests.servers.whatsapp_api import FakeWhatsApp
 from tests.support.bridge import BridgeProc, Publisher, wait_until
 from tests.support.gateway import GatewayProc, waha
@@ -99,11 +98,13 @@ def test_cloud_delivery_within_1s_and_log_masked(bridge_factory, wa, publisher):
     )
     (at, text), *_ = wait_until(lambda: sent_to(wa, ANA), 5, "message to Ana")
     assert at - t0 < 1.0, at - t0
-    assert "Cota" in text and "Fallo en sistema" in text
+    assert "Cota" in text
+    assert "Fallo en sistema" in text
     req = next(r for r in wa.requests() if r.json.get("to") == ANA.lstrip("+"))
     assert req.path == "/v21.0/1055/messages"
     assert req.headers["authorization"] == "Bearer wa-tok"
-    assert req.json["messaging_product"] == "whatsapp" and req.json["type"] == "text"
+    assert req.json["messaging_product"] == "whatsapp"
+    assert req.json["type"] == "text"
     time.sleep(0.5)
     assert len(sent_to(wa, ANA)) == 1
     assert "573001112233" not in bridge.log_text()
@@ -123,7 +124,8 @@ def test_whatsapp_independent_of_backend(bridge_factory, wa, publisher, backend,
         }
     )
     (at, text), *_ = wait_until(lambda: sent_to(wa, ANA), 5, "message to Ana")
-    assert at - t0 < 1.0 and "sin backend" in text
+    assert at - t0 < 1.0
+    assert "sin backend" in text
     assert backend.alerts() == []
 
 
@@ -160,7 +162,8 @@ def test_template_message(bridge_factory, wa, publisher):
     assert req.json["template"]["name"] == "alerta_botonera"
     assert req.json["template"]["language"]["code"] == "es"
     params = [p["text"] for p in req.json["template"]["components"][0]["parameters"]]
-    assert params[0] == "Cota" and any("Gas" in p for p in params)
+    assert params[0] == "Cota"
+    assert any("Gas" in p for p in params)
 
 
 def test_estado_authorized_and_stranger(bridge_factory, wa, publisher, gateway, backend):
@@ -193,7 +196,8 @@ def test_estado_authorized_and_stranger(bridge_factory, wa, publisher, gateway, 
     )
     time.sleep(1.0)
     assert len([t for _, t in sent_to(wa, ANA) if "panel1" in t]) == 1
-    assert "Cota" in replies[0] and "VERDE" in replies[0]
+    assert "Cota" in replies[0]
+    assert "VERDE" in replies[0]
     assert sent_to(wa, "+" + STRANGER) == []
     log = bridge.log_text()
     assert STRANGER not in log
@@ -218,10 +222,8 @@ def test_ack_flow_stops_escalation(bridge_factory, wa, publisher, gateway, backe
     acuse = wait_until(
         lambda: [a for a in backend.alerts() if a["tipo_mensaje"] == "acuse"], 5, "acuse"
     )[0]
-    assert (
-        acuse["payload"]["empresa"] == "cota"
-        and acuse["payload"]["_bridge"]["origen"] == "whatsapp"
-    )
+    assert acuse["payload"]["empresa"] == "cota"
+    assert acuse["payload"]["_bridge"]["origen"] == "whatsapp"
     time.sleep(5)  # two escalation periods
     everything = [t for r in wa.requests() for t in [json.dumps(r.json, ensure_ascii=False)]]
     assert not any("SIN ATENDER" in t for t in everything), everything
@@ -318,11 +320,13 @@ def test_inbound_exactly_once_in_order_through_redis_loss(
         wait_until(lambda: len(got) >= 300, 30, "300 commands")
         time.sleep(2)
         refs = [g["ref"] for g in got]
-        assert len(refs) == 300 and len(set(refs)) == 300, (len(refs), len(set(refs)))
+        assert len(refs) == 300
+        assert len(set(refs)) == 300
         for s in senders:
             mine = [g["ref"] for g in got if g["por"] == s]
             assert mine == sent[s], f"order broken for {s[:5]}…"
-        assert bridge.running() and bridge.pid == pid
+        assert bridge.running()
+        assert bridge.pid == pid
         assert "fall back to memory" in bridge.log_text()
     finally:
         sub.loop_stop()

@@ -1,4 +1,4 @@
-"""The fake WAHA gateway (tests/servers/gateway.py) as a subprocess, driven over its control port."""
+"""The fake WAHA gateway (tests/servers/gateway.py) as a subprocess, driven over HTTP."""
 
 from __future__ import annotations
 
