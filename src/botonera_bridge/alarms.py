@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -99,6 +100,8 @@ class AlarmBook:
         self.max = max(0, escalation_max)
         self.clock = clock
         self._alarms: dict[str, OpenAlarm] = {}
+        self._per_empresa: Counter[str] = Counter()
+        self._last_sweep = -math.inf
         self._semaforos: dict[str, Semaforo] = {}
         self.reload()
 
@@ -107,12 +110,14 @@ class AlarmBook:
     def reload(self) -> None:
         """Rebuild the board from the store's mirror (after ``await store.load()``)."""
         self._alarms.clear()
+        self._per_empresa.clear()
         self._semaforos.clear()
         for field, raw in list(self.store.data.items()):
             try:
                 if field.startswith(_ALARM):
                     alarm = _decode_alarm(raw)
                     self._alarms[alarm.id] = alarm
+                    self._per_empresa[alarm.empresa] += 1
                 elif field.startswith(_SEMAFORO):
                     self._semaforos[field[len(_SEMAFORO) :]] = _decode_semaforo(raw)
             except msgspec.DecodeError as exc:
@@ -129,11 +134,15 @@ class AlarmBook:
         return self.store.dirty > 0
 
     def _put(self, alarm: OpenAlarm) -> None:
+        if alarm.id not in self._alarms:
+            self._per_empresa[alarm.empresa] += 1
         self._alarms[alarm.id] = alarm
         self.store.set(_ALARM + alarm.id, _encode(alarm))
 
     def _forget(self, alarm_id: str) -> None:
-        self._alarms.pop(alarm_id, None)
+        gone = self._alarms.pop(alarm_id, None)
+        if gone is not None:
+            self._per_empresa[gone.empresa] -= 1
         self.store.delete(_ALARM + alarm_id)
 
     # -- writers ----------------------------------------------------------------------
@@ -254,26 +263,34 @@ class AlarmBook:
         return min(times) if times else None
 
     def _prune(self, now: float, empresa: str | None = None) -> None:
-        """Forget acknowledged alarms older than ACKED_TTL; keep MAX_PER_EMPRESA each."""
-        for alarm in list(self._alarms.values()):
-            if alarm.acked_at is not None and now - alarm.acked_at >= ACKED_TTL:
-                self._forget(alarm.id)
-        empresas = {empresa} if empresa is not None else {a.empresa for a in self._alarms.values()}
+        """Forget acknowledged alarms older than ACKED_TTL; keep MAX_PER_EMPRESA each.
+
+        Cheap on the hot path: the TTL sweep runs at most once a minute, and an
+        empresa over its limit is cut back to 90% of it, so the sort runs once per
+        MAX_PER_EMPRESA/10 new alarms, not for every one.
+        """
+        if empresa is None or now - self._last_sweep >= 60:
+            self._last_sweep = now
+            for alarm in list(self._alarms.values()):
+                if alarm.acked_at is not None and now - alarm.acked_at >= ACKED_TTL:
+                    self._forget(alarm.id)
+        empresas = [empresa] if empresa is not None else list(self._per_empresa)
         for e in empresas:
-            mine = [a for a in self._alarms.values() if a.empresa == e]
-            excess = len(mine) - MAX_PER_EMPRESA
-            if excess <= 0:
+            if self._per_empresa[e] <= MAX_PER_EMPRESA:
                 continue
+            mine = [a for a in self._alarms.values() if a.empresa == e]
             # acknowledged first, then oldest first
             mine.sort(key=lambda a: (not a.acked, a.opened_at, a.id))
-            for alarm in mine[:excess]:
-                log.warning(
-                    "forgetting alarm %s of %s: more than %d kept",
-                    alarm.id,
-                    e or "-",
-                    MAX_PER_EMPRESA,
-                )
+            cut = mine[: len(mine) - MAX_PER_EMPRESA * 9 // 10]
+            for alarm in cut:
                 self._forget(alarm.id)
+            log.warning(
+                "alarm board of %s over %d alarms: forgot the %d oldest (%d unacknowledged)",
+                e or "-",
+                MAX_PER_EMPRESA,
+                len(cut),
+                sum(1 for a in cut if not a.acked),
+            )
 
     # -- readers ----------------------------------------------------------------------
 

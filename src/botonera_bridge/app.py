@@ -16,13 +16,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import msgspec
 import trio
 
-from . import USER_AGENT
+from . import USER_AGENT, texts
 from .alarms import AlarmBook
 from .backoff import delays
 from .commands import CommandContext, escalation_loop, handle
@@ -39,12 +38,15 @@ from .queues.streams import DurableStream
 from .router import Router
 from .sdnotify import notify_loop, stopping
 from .sinks.backend import BackendSink
+from .sinks.http11 import Http11Pool, open_pool
 from .sinks.whatsapp import WhatsAppSink
 from .state import HashStore
-from .status.server import serve_status
 from .watchdog import Watchdog
 from .whatsapp_api import open_sender
 from .ws_receiver import Inbound, receive
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ class Bridge:
         self.mqtt: MqttClient | None = None
         self.ready = trio.Event()
         self.backend_sink: BackendSink | None = None
+        self._depth: dict[str, int] = {}
+        self._backlog_at_start: dict[str, int] = {}
         self.ws_enabled = False
 
     async def _publish_receipt(self, event: Event, outcomes: dict[str, str]) -> None:
@@ -214,15 +218,42 @@ class Bridge:
                 "dead": int(_gauge(m, "dead")),
             },
             "memory_fallback": not self.link.up,
+            "invariante": self.invariant(),
             "counters": _counters(m),
         }
+
+    def invariant(self) -> dict[str, dict[str, int | bool]]:
+        """received = delivered + dead-lettered + in flight + queued, per sink.
+
+        Counted for this process: what it appended, plus the backlog it found in the
+        outbox at start, must equal what it finished plus what is still there.
+        """
+        out: dict[str, dict[str, int | bool]] = {}
+        for g, done in self.outbox.finished_count.items():
+            start = self._backlog_at_start.get(g)
+            depth = self._depth.get(g, 0)
+            received = self.outbox.stream.appended
+            row: dict[str, int | bool] = {
+                "recibidos": received,
+                "pendientes_al_iniciar": start if start is not None else -1,
+                "entregados": done["ok"] + done["skipped"],
+                "dead_letters": done["failed"],
+                "en_cola_o_en_vuelo": depth,
+            }
+            row["cumple"] = start is not None and received + start == (
+                done["ok"] + done["skipped"] + done["failed"] + depth
+            )
+            out[g] = row
+        return out
 
     async def gauges(self) -> None:
         """Refresh queue depth gauges and the sinks' stall reports once a second."""
         m = self.metrics
         while True:
             for g in ("backend", "whatsapp"):
-                depth = await self.outbox.stream.depth(g)
+                depth = self._depth[g] = await self.outbox.stream.depth(g)
+                finished = sum(self.outbox.finished_count[g].values())
+                self._backlog_at_start.setdefault(g, depth + finished - self.outbox.stream.appended)
                 m.queue_depth.labels(queue=f"outbox_{g}").set(depth)
                 self.health.waiting(g, depth)
             m.queue_depth.labels(queue="inbox").set(await self.inbox.depth(INBOX_GROUP))
@@ -276,24 +307,58 @@ async def _supervise(name: str, health: Health, fn: Callable[[], Awaitable[None]
         health.dead.pop(name, None)
 
 
+async def _open_backend_clients(
+    stack: AsyncExitStack, s: Settings
+) -> tuple[Http11Pool | None, httpx.AsyncClient | None]:
+    """The keep-alive HTTP/1.1 pool for the hot path; httpx only where it is needed
+    (an https backend, verify-empresa-sede): it costs ~4x the CPU per POST and 16 MB."""
+    connections = max(4, s.backend.concurrency * 2)
+    pool = None
+    if s.backend.url.startswith("http://"):
+        pool = await stack.enter_async_context(
+            open_pool(
+                s.backend.url,
+                max_connections=connections,
+                connect_timeout=s.backend.timeout,
+                read_timeout=s.backend.timeout,
+            )
+        )
+    http = None
+    if pool is None or s.backend.verify:
+        import httpx
+
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(s.backend.timeout),
+                limits=httpx.Limits(max_connections=connections),
+                headers={"User-Agent": USER_AGENT},
+            )
+        )
+    return pool, http
+
+
 async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool = True) -> int:
     s = settings
     async with AsyncExitStack() as stack:
         redis = await stack.enter_async_context(_maybe_redis(s.redis.url))
         bridge = Bridge(s, redis)
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(
-                timeout=httpx.Timeout(s.backend.timeout),
-                limits=httpx.Limits(max_connections=max(4, s.backend.concurrency * 2)),
-                headers={"User-Agent": USER_AGENT},
-            )
-        )
+        pool, http = await _open_backend_clients(stack, s)
         sender = await stack.enter_async_context(open_sender(s.whatsapp))
+        wa_sink = WhatsAppSink(s, sender, metrics=bridge.metrics)
+
+        async def tell_central(event: Event) -> None:
+            await wa_sink.post(s.central, texts.unknown_to_backend_text(event))
+
         backend_sink = BackendSink(
-            s.backend, http, user_agent=USER_AGENT, metrics=bridge.metrics, health=bridge.health
+            s.backend,
+            pool=pool,
+            client=http,
+            user_agent=USER_AGENT,
+            metrics=bridge.metrics,
+            health=bridge.health,
+            on_unknown=tell_central,
         )
         bridge.backend_sink = backend_sink
-        wa_sink = WhatsAppSink(s, sender, metrics=bridge.metrics)
         mqtt = None
         if mqtt_enabled:
             mqtt = await stack.enter_async_context(
@@ -317,6 +382,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             await bridge.alarms.load()
             bridge.book.reload()
             if s.status.listen:
+                from .status.server import serve_status  # hypercorn only when serving
+
                 await nursery.start(
                     lambda task_status=trio.TASK_STATUS_IGNORED: serve_status(
                         s.status.listen,

@@ -132,6 +132,10 @@ class Outbox:
         self._receipts_key = f"{prefix}:receipts"
         self._on_finished = on_finished
         self._outcomes: dict[str, dict[str, str]] = {}
+        # per sink: entries finished by this process, by outcome (ok, skipped, failed)
+        self.finished_count: dict[str, dict[str, int]] = {
+            g: {"ok": 0, "skipped": 0, "failed": 0} for g in GROUPS
+        }
 
     async def append(self, events: Sequence[tuple[Event, str]], *, only: str = "") -> list[Receipt]:
         """Append (event, dedup key) pairs; see DurableStream.append. ``only``: one sink."""
@@ -211,6 +215,7 @@ class SinkDelivery:
 
     async def ack(self, entries: Sequence[Entry], outcome: str = "ok") -> None:
         await self._outbox.stream.ack(self.group, [e.id for e in entries])
+        self._outbox.finished_count[self.group][outcome] += len(entries)
         for e in entries:
             await self._outbox.finished(self.group, e.event, outcome)
 
@@ -220,6 +225,7 @@ class SinkDelivery:
             reason, detail, payload=ev.payload, topic=ev.topic, event=ev, sink=self.group
         )
         await self._outbox.stream.ack(self.group, [entry.id])
+        self._outbox.finished_count[self.group]["failed"] += 1
         await self._outbox.finished(self.group, ev, "failed")
 
     def pending(self) -> int:

@@ -164,6 +164,17 @@ def summary_text(event: Event, empresa: Empresa | None, repeats: int, *, last_ns
     return f"{text} · se repitió {repeats} {veces} más (hasta {clock_time(last_ns)})"
 
 
+def unknown_to_backend_text(event: Event) -> str:
+    """For ``central`` when the backend does not know an event's empresa/sede."""
+    sede = f", sede «{event.sede}»" if event.sede else ""
+    what, _, _ = headline(event)
+    return (
+        f"⚠️ El backend no reconoce la empresa «{event.empresa}»{sede}: "
+        f"{what} quedó en dead letters (botonera-bridge dead-letters list) · "
+        f"{clock_time(event.received_ns)}"
+    )
+
+
 def template_params(
     event: Event, empresa: Empresa | None, *, count: int = 1, span_seconds: float = 0.0
 ) -> tuple[str, str, str]:

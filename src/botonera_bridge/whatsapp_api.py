@@ -16,14 +16,16 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-import httpx
 import msgspec
 
 from .config import WhatsappSettings
 from .errors import PermanentDelivery, TransientDelivery
 from .ids import mask_phone
+
+if TYPE_CHECKING:  # imported when a networked provider is opened: the log provider needs none
+    import httpx
 
 logger: Final = logging.getLogger("botonera_bridge.whatsapp")
 
@@ -150,6 +152,8 @@ def classify(response: httpx.Response, number: str, provider: str) -> None:
 async def _post(
     client: httpx.AsyncClient, url: str, payload: dict[str, Any], number: str, provider: str
 ) -> None:
+    import httpx
+
     try:
         response = await client.post(
             url, content=_json.encode(payload), headers={"Content-Type": "application/json"}
@@ -248,6 +252,8 @@ async def open_sender(settings: WhatsappSettings) -> AsyncIterator[Sender]:
         headers["Authorization"] = f"Bearer {settings.token}"
     elif settings.token:
         headers["X-Api-Key"] = settings.token
+    import httpx
+
     async with httpx.AsyncClient(
         headers=headers, timeout=httpx.Timeout(settings.timeout), follow_redirects=False
     ) as client:

@@ -84,7 +84,7 @@ def test_samples_reach_backend(bridge_factory, backend, publisher):
 def test_backend_outage_then_all_delivered_in_order(
     bridge_factory, backend, publisher, redis_server
 ):
-    bridge_factory(redis_url=redis_server.url).start()
+    bridge = bridge_factory(redis_url=redis_server.url).start()
     backend.fault(status=503, seconds=15)
     empresas = ["cota", "tocancipa", "funza", "madrid"]
     msgs = [
@@ -110,6 +110,15 @@ def test_backend_outage_then_all_delivered_in_order(
         by_seq.setdefault(r["payload"]["seq"], set()).add(r["idempotency_key"])
     assert all(len(keys) == 1 for keys in by_seq.values())
     assert any(r["status"] == 503 for r in backend.requests())
+    # the counter invariant: received = delivered + dead-lettered + in flight + queued
+    inv = wait_until(
+        lambda: drained(bridge.status()["invariante"]),
+        10,
+        "both sinks drained",
+    )
+    for sink in ("backend", "whatsapp"):
+        assert inv[sink]["recibidos"] == 200
+        assert inv[sink]["cumple"] is True, inv
 
 
 BAD_INPUTS = [
@@ -295,7 +304,72 @@ def test_sigint_is_clean_too(bridge_factory):
     assert bridge.proc.wait(20) == 0
 
 
+def drained(inv: dict) -> dict | None:
+    return inv if all(r["en_cola_o_en_vuelo"] == 0 for r in inv.values()) else None
+
+
 def dead_letters(bridge: BridgeProc) -> list[dict]:
     out = bridge.cli("dead-letters", "list", "--json", "--limit", "100")
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_verify_unknown_empresa_dead_lettered_central_told(bridge_factory, backend, publisher):
+    bridge = bridge_factory(
+        conf={
+            "backend": {"verify": True},
+            "central": ["+573009990000"],
+            "empresas": [{"id": "zipaquira", "nombre": "Zipaquirá"}],
+        }
+    ).start()
+    # zipaquira is configured here but unknown to the backend (it knows the four built-ins)
+    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "zipaquira"})
+    publisher.publish(
+        {"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota", "id": "v1"}
+    )
+    wait_until(lambda: backend.alerts(), 10, "cota alarm forwarded")
+    wait_until(
+        lambda: "El backend no reconoce la empresa «zipaquira»" in bridge.log_text(),
+        10,
+        "central told",
+    )
+    assert [a["empresa"] for a in backend.alerts()] == ["cota"]
+    code, body = bridge.http("/metrics")
+    assert 'botonera_dead_letters_total{reason="unknown_empresa"} 1.0' in body.decode()
+    # fail open: with the verify endpoint broken, alarms still go through
+    backend.fault(status=503, target="verify")
+    publisher.publish(
+        {"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "funza", "id": "v2"}
+    )
+    wait_until(
+        lambda: any(a["empresa"] == "funza" for a in backend.alerts()), 10, "funza forwarded"
+    )
+
+
+def test_alerts_and_publish_cli(bridge_factory, backend):
+    bridge = bridge_factory().start()
+    res = bridge.cli(
+        "publish",
+        "--tipo",
+        "alarmas",
+        "--empresa",
+        "cota",
+        "--campo",
+        "descripcion=Puerta",
+        "--campo",
+        "n=3",
+    )
+    assert res.returncode == 0, res.stderr
+    wait_until(lambda: backend.alerts(), 10, "published alarm stored")
+    alert = backend.alerts()[0]
+    assert alert["payload"]["descripcion"] == "Puerta"
+    assert alert["payload"]["n"] == 3
+    listed = bridge.cli("alerts", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    items = json.loads(listed.stdout)
+    assert items[0]["payload"]["descripcion"] == "Puerta"
+    shown = bridge.cli("alerts", "show", str(items[0]["id"]))
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["id"] == items[0]["id"]
+    missing = bridge.cli("alerts", "show", "999999")
+    assert missing.returncode == 1

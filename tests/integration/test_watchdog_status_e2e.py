@@ -209,3 +209,14 @@ def test_page_in_chromium_shows_live_state(bridge_factory, backend, publisher, t
     )  # fmt: skip
     assert shot.stat().st_size > 10_000
     assert Path(CHROMIUM).exists()
+
+
+def test_readyz_reports_a_stalled_sink(bridge_factory, backend, publisher):
+    bridge = bridge_factory(conf={"heartbeat": {"stall_timeout": 2.0}}).start()
+    assert wait_until(lambda: bridge.http("/readyz")[0] == 200, 5, "ready")
+    backend.fault(status=503, seconds=60)
+    publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota"})
+    code, body = wait_until(lambda: r if (r := bridge.http("/readyz"))[0] == 503 else None, 10, "503")
+    assert b"backend: stalled" in body
+    backend.clear_fault()
+    wait_until(lambda: bridge.http("/readyz")[0] == 200, 15, "ready after the backend returns")

@@ -125,6 +125,7 @@ class DurableStream:
         self._lock = trio.Lock()
         self._wakeup = trio.Event()
         self._space = trio.Event()
+        self.appended = 0  # items this process added (the counter invariant's input)
         self._groups_ready = False
         self._had_groups = False
         self._sha = ""
@@ -177,7 +178,7 @@ class DurableStream:
             try:
                 if self._mem:
                     await self._migrate_locked()
-                await self._xadd(items, [skip] * len(items) if skip else ())
+                self.appended += await self._xadd(items, [skip] * len(items) if skip else ())
                 return [SAFE] * len(items)
             except RedisError as exc:
                 self.link.down(exc)
@@ -196,6 +197,7 @@ class DurableStream:
                 finally:
                     await self._lock.acquire()
             self._mem_seq += 1
+            self.appended += 1
             done = {g for g in skip.split(",") if g}
             m = _Mem(id=f"m-{self._mem_seq}", data=data, done_by=done)
             self._mem[m.id] = m
@@ -206,7 +208,8 @@ class DurableStream:
         self._wake()
         return receipts
 
-    async def _xadd(self, items: Sequence[tuple[bytes, str]], skips: Sequence[str] = ()) -> None:
+    async def _xadd(self, items: Sequence[tuple[bytes, str]], skips: Sequence[str] = ()) -> int:
+        """Run the append script; returns how many items were added (re-deliveries dropped)."""
         redis = self.link.redis
         assert redis is not None
         args: list[bytes | str | int] = [DEDUP_TTL]
@@ -219,12 +222,13 @@ class DurableStream:
         if not self._sha:
             self._sha = (await redis.execute("SCRIPT", "LOAD", _APPEND_LUA)).decode()
         try:
-            await redis.execute("EVALSHA", self._sha, 1, self.key, *args)
+            ids = await redis.execute("EVALSHA", self._sha, 1, self.key, *args)
         except RedisReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
             self._sha = ""
-            await redis.execute("EVAL", _APPEND_LUA, 1, self.key, *args)
+            ids = await redis.execute("EVAL", _APPEND_LUA, 1, self.key, *args)
+        return sum(1 for i in ids if i is not None)
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -364,7 +368,28 @@ class DurableStream:
                 return []
             self._pel_cursor[group] = entries[-1][0]
             entries = [e for e in entries if e[0] not in self._inflight[group]]
+            if entries:
+                entries = await self._drop_poison(group, entries)
         return await self._accept(group, entries)
+
+    async def _drop_poison(
+        self, group: str, entries: list[tuple[str, dict[bytes, bytes]]]
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries delivered too often without an ack (they crash us?) go to ``on_poison``."""
+        if self.on_poison is None:
+            return entries
+        redis = self.link.redis
+        assert redis is not None
+        counts = await self._delivery_counts(group, [e[0] for e in entries])
+        keep = []
+        for eid, fields in entries:
+            n = counts.get(eid, 0)
+            if n > MAX_DELIVERIES:
+                await self.on_poison(group, Item(eid, fields.get(b"d", b"")), n)
+                await redis.execute("XACK", self.key, group, eid)
+            else:
+                keep.append((eid, fields))
+        return keep
 
     async def _accept(
         self, group: str, entries: list[tuple[str, dict[bytes, bytes]]]
@@ -448,15 +473,7 @@ class DurableStream:
         entries = [e for e in _entry_list(reply[1]) if e[0] not in self._inflight[group]]
         if not entries:
             return
-        counts = await self._delivery_counts(group, [e[0] for e in entries])
-        keep = []
-        for eid, fields in entries:
-            n = counts.get(eid, 0)
-            if n > MAX_DELIVERIES and self.on_poison is not None:
-                await self.on_poison(group, Item(eid, fields.get(b"d", b"")), n)
-                await redis.execute("XACK", self.key, group, eid)
-            else:
-                keep.append((eid, fields))
+        keep = await self._drop_poison(group, entries)
         log.warning("%s/%s: reclaimed %d entries of a dead consumer", self.key, group, len(keep))
         self._reclaimed[group].extend(await self._accept(group, keep))
         self._wake()

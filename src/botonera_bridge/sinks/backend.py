@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Final, Protocol
 
-import httpx
 import trio
 
 from ..backoff import delays
@@ -24,6 +23,10 @@ from ..health import Health
 from ..messages import Event
 from ..metrics import Metrics
 from ..outbox import Entry
+from .http11 import Http11Pool, HttpError
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +66,27 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class BackendSink:
+    """Delivers through ``pool`` (keep-alive HTTP/1.1, the cheap path) when given, else
+    through ``client`` (httpx: https backends); ``client`` also serves verify."""
+
     def __init__(
         self,
         settings: BackendSettings,
-        client: httpx.AsyncClient,
         *,
+        pool: Http11Pool | None = None,
+        client: httpx.AsyncClient | None = None,
         user_agent: str,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        on_unknown: Callable[[Event], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_unknown = on_unknown
+        if pool is None and client is None:
+            raise ValueError("BackendSink needs a pool or an httpx client")
+        if settings.verify and client is None:
+            raise ValueError("backend.verify needs an httpx client")
+        self._pool = pool
         self._client = client
         self._metrics = metrics
         self._health = health
@@ -80,6 +94,7 @@ class BackendSink:
         self._headers = {"Content-Type": "application/json", "User-Agent": user_agent}
         if settings.token:
             self._headers["Authorization"] = f"Bearer {settings.token}"
+        self._raw_headers = [(k.lower().encode(), v.encode()) for k, v in self._headers.items()]
         self._verified: dict[tuple[str, str], tuple[bool, float]] = {}
         self._lanes: dict[str, deque[Entry]] = {}
         self._inflight = 0
@@ -153,6 +168,8 @@ class BackendSink:
                         entry.event.id, entry.event.empresa or "-", entry.event.tipo, exc, exc.body,
                     )  # fmt: skip
                     await delivery.dead_letter(entry, exc.reason, f"{exc}: {exc.body}")
+                    if exc.reason == "unknown_empresa" and self._on_unknown is not None:
+                        await self._on_unknown(entry.event)
                     self._inflight -= 1
                     self._room.set()
                     queue.popleft()
@@ -170,12 +187,11 @@ class BackendSink:
         attempt = 0
         backoff = delays(0.2, self.settings.retry_max_delay)
         body = event.backend_body()
-        headers = dict(self._headers, **{"Idempotency-Key": event.id})
         while True:
             attempt += 1
             try:
                 async with self._limiter:
-                    await self._post(body, headers)
+                    await self._post(body, event.id)
             except TransientDelivery as exc:
                 self.last_error = str(exc)
                 delay = next(backoff)
@@ -203,9 +219,26 @@ class BackendSink:
         )  # fmt: skip
         return "ok"
 
-    async def _post(self, body: bytes, headers: dict[str, str]) -> None:
+    async def _post(self, body: bytes, key: str) -> None:
+        if self._pool is not None:
+            headers = [*self._raw_headers, (b"idempotency-key", key.encode())]
+            try:
+                status, text, rh = await self._pool.post(PROCESS_PATH, body, headers)
+            except HttpError as exc:
+                raise TransientDelivery(str(exc), sink="backend") from exc
+            retry_after = rh.get(b"retry-after")
+            classify(
+                status,
+                text.decode("utf-8", "replace"),
+                retry_after.decode("latin-1") if retry_after else None,
+            )
+            return
+        import httpx
+
+        assert self._client is not None
+        hdrs = dict(self._headers, **{"Idempotency-Key": key})
         try:
-            resp = await self._client.post(self._url, content=body, headers=headers)
+            resp = await self._client.post(self._url, content=body, headers=hdrs)
         except httpx.TimeoutException as exc:
             raise TransientDelivery(f"timeout posting to {self._url}", sink="backend") from exc
         except httpx.HTTPError as exc:
@@ -218,6 +251,9 @@ class BackendSink:
         cached = self._verified.get(key)
         now = trio.current_time()
         if cached is None or now - cached[1] > self.settings.verify_ttl:
+            import httpx
+
+            assert self._client is not None
             url = self.settings.url.rstrip("/") + VERIFY_PATH
             try:
                 resp = await self._client.get(
