@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.support.backend import Backend
+from tests.support.bridge import BridgeProc, Publisher
 from tests.support.procs import Mosquitto, Redis
 
 BINARIES = {"mosquitto": "mosquitto", "redis": "redis-server"}
@@ -124,3 +125,31 @@ def backend(make_backend: Callable[..., Backend]) -> Backend:
     """A fresh reference backend for this test (no token; empresas cota, tocancipa, funza,
     madrid)."""
     return make_backend()
+
+
+@pytest.fixture
+def bridge_factory(mosquitto: Mosquitto, backend: Backend) -> Iterator[Callable[..., BridgeProc]]:
+    """Factory: `bridge_factory(redis_url=..., conf={...}, env={...})` -> a BridgeProc wired
+    to this test's broker and backend (not started); every one is killed at teardown."""
+    made: list[BridgeProc] = []
+
+    def make(**kw: Any) -> BridgeProc:
+        kw.setdefault("mqtt_port", mosquitto.port)
+        kw.setdefault("backend_url", backend.url)
+        bridge = BridgeProc(**kw)
+        made.append(bridge)
+        return bridge
+
+    yield make
+    for bridge in made:
+        bridge.cleanup()
+        # shown by pytest for a failing test only
+        print(f"--- bridge log {bridge.log} (last 3000 chars) ---\n{bridge.log_text()[-3000:]}")
+
+
+@pytest.fixture
+def publisher(mosquitto: Mosquitto) -> Iterator[Publisher]:
+    """A QoS 1 publisher on this test's broker, like a botonera."""
+    pub = Publisher(mosquitto.port)
+    yield pub
+    pub.close()

@@ -84,6 +84,7 @@ class Bridge:
             consumer=s.mqtt.client_id,
             memory_limit=s.redis.memory_limit,
             dead=self.dead,
+            reclaim_idle=s.redis.reclaim_idle,
             on_finished=self._publish_receipt,
         )
         self.inbox = DurableStream(

@@ -64,6 +64,7 @@ class RedisSettings(_Section, frozen=True):
     url: str = "redis://localhost:6379/0"
     prefix: str = "botonera"
     memory_limit: int = 10000  # events held in memory while Redis is away
+    reclaim_idle: float = 60.0  # seconds before a silent consumer's entries are taken over
 
 
 class WebsocketSettings(_Section, frozen=True):

@@ -116,6 +116,7 @@ class Outbox:
         consumer: str,
         memory_limit: int,
         dead: DeadLetters,
+        reclaim_idle: float = 60.0,
         on_finished: Callable[[Event, dict[str, str]], Awaitable[None]] | None = None,
     ) -> None:
         self.dead = dead
@@ -127,6 +128,7 @@ class Outbox:
             memory_limit=memory_limit,
             dedup_prefix=f"{prefix}:seen:",
             on_poison=self._poison,
+            reclaim_idle_ms=int(reclaim_idle * 1000),
         )
         self._link = link
         self._receipts_key = f"{prefix}:receipts"

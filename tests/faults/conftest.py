@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psutil
@@ -24,31 +24,14 @@ EMPRESAS = ("cota", "tocancipa", "funza", "madrid")
 
 
 @pytest.fixture
-def bridge_factory(mosquitto, backend, redis_server) -> Iterator[Callable[..., BridgeProc]]:
-    """`bridge_factory(**BridgeProc kwargs)`: a bridge wired to this test's broker, backend
-    and Redis (override any of them); every bridge made is SIGKILLed at teardown. On a
-    failing test the tail of each bridge log is printed (pytest shows captured output)."""
-    made: list[BridgeProc] = []
+def bridge_factory(bridge_factory, redis_server) -> Callable[..., BridgeProc]:
+    """The root `bridge_factory`, with this test's Redis by default: durability on."""
 
     def make(**kw: Any) -> BridgeProc:
-        kw.setdefault("mqtt_port", mosquitto.port)
-        kw.setdefault("backend_url", backend.url)
         kw.setdefault("redis_url", redis_server.url)
-        b = BridgeProc(**kw)
-        made.append(b)
-        return b
+        return bridge_factory(**kw)
 
-    yield make
-    for b in made:
-        b.cleanup()
-        print(f"--- bridge log {b.log} (last 3000 chars) ---\n{b.log_text()[-3000:]}")
-
-
-@pytest.fixture
-def publisher(mosquitto) -> Iterator[Publisher]:
-    p = Publisher(mosquitto.port)
-    yield p
-    p.close()
+    return make
 
 
 def alarm(seq: int, empresa: str, **extra: Any) -> dict[str, Any]:

@@ -29,7 +29,9 @@ def test_20000_burst_with_backend_down_stays_under_150mb_and_all_delivered(
     published = time.monotonic() - t0
     wait_until(
         lambda: metrics(bridge).get('botonera_messages_received_total{tipo="alarmas"}') == N,
-        120, f"the bridge to take all {N} alarms", every=0.5,
+        120,
+        f"the bridge to take all {N} alarms",
+        every=0.5,
     )
     taken = time.monotonic() - t0
     time.sleep(3)  # the backend sink keeps retrying its lanes

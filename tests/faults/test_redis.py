@@ -59,7 +59,8 @@ def test_redis_killed_mid_stream_falls_back_to_memory_and_loses_nothing(
     assert sum(moved) > 0, "memory contents never moved into the stream"
     m = wait_until(
         lambda: m if (m := metrics(bridge)).get("botonera_redis_connected") == 1.0 else None,
-        15, "redis_connected back to 1",
+        15,
+        "redis_connected back to 1",
     )
     assert m["botonera_memory_fallback"] == 0.0
     wait_until(
@@ -97,7 +98,9 @@ def test_redis_restarted_empty_recreates_groups_and_keeps_delivering(
     assert "died; restarting" not in log, "a task crashed (crash loop?)"
     groups = subprocess.run(
         ["redis-cli", "-p", str(redis_server.port), "XINFO", "GROUPS", "botonera:outbox"],
-        capture_output=True, text=True, timeout=10,
+        capture_output=True,
+        text=True,
+        timeout=10,
     ).stdout
     assert "backend" in groups, groups
     assert "whatsapp" in groups, groups

@@ -159,9 +159,10 @@ async def test_server_closes_idle_keepalive_connection() -> None:
         await stream.aclose()  # no "Connection: close": the client learns from the FIN
 
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url, max_connections=1, connect_timeout=2, read_timeout=2
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
             assert (await pool.post("/a", b"1", []))[0] == 200
             await trio.sleep(0.05)  # the FIN arrives while the connection sits idle
             assert (await pool.post("/a", b"2", []))[0] == 200
@@ -176,9 +177,10 @@ async def test_connection_close_header_discards_the_connection() -> None:
         )
 
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url, max_connections=1, connect_timeout=2, read_timeout=2
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
             for n in range(3):
                 assert await pool.post("/a", b"%d" % n, []) == (200, b"ok", {
                     b"connection": b"close", b"content-length": b"2"})  # fmt: skip
@@ -195,9 +197,10 @@ async def test_close_after_request_is_an_error_not_a_silent_retry() -> None:
         await stream.send_all(OK)
 
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url, max_connections=1, connect_timeout=2, read_timeout=2
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
             assert (await pool.post("/a", b"first", []))[0] == 200
             with pytest.raises(ProtocolFailure) as info:
                 await pool.post("/a/b", b"second", [])
@@ -213,9 +216,12 @@ async def test_read_timeout_carries_the_url_and_drops_the_connection() -> None:
         await stream.send_all(OK)
 
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url + "/api", max_connections=2, connect_timeout=2, read_timeout=0.2
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(
+                raw.url + "/api", max_connections=2, connect_timeout=2, read_timeout=0.2
+            ) as pool,
+        ):
             with pytest.raises(HttpTimeout) as info:
                 await pool.post("/slow", b"x", [])
             assert info.value.phase == "read"
@@ -245,9 +251,10 @@ async def test_chunked_response_and_informational_answer() -> None:
         await stream.send_all(b"6\r\n world\r\n0\r\n\r\n")
 
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url, max_connections=1, connect_timeout=2, read_timeout=2
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
             status, body, headers = await pool.post("/x", b"{}", JSON)
             assert (status, body, headers[b"retry-after"]) == (503, b"hello world", b"3")
             assert (await pool.post("/x", b"{}", JSON))[1] == b"hello world"
@@ -259,9 +266,10 @@ async def test_garbage_answer_is_a_protocol_failure() -> None:
         await stream.send_all(b"SMTP ready\r\n\r\n")
 
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url, max_connections=1, connect_timeout=2, read_timeout=2
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
             with pytest.raises(ProtocolFailure, match="invalid HTTP"):
                 await pool.post("/x", b"{}", [])
             assert pool.idle_connections == 0
@@ -276,9 +284,10 @@ async def test_cancelled_request_never_returns_its_connection() -> None:
         await stream.send_all(OK)  # the late answer to a cancelled request must not be read
 
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url, max_connections=1, connect_timeout=2, read_timeout=5
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=5) as pool,
+        ):
             with trio.move_on_after(0.1):
                 await pool.post("/x", b"cancelled", [])
             gate.set()
@@ -301,9 +310,10 @@ async def test_first_write_failing_on_a_reused_connection_is_resent_once(
 
     monkeypatch.setattr(_Conn, "looks_dead", lambda self: False)  # lose the race on purpose
     with trio.fail_after(CEILING):
-        async with raw_server(reply) as raw, open_pool(
-            raw.url, max_connections=1, connect_timeout=2, read_timeout=2
-        ) as pool:
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
             assert (await pool.post("/a", b"1", []))[0] == 200
             await trio.sleep(0.05)  # the RST arrives
             assert (await pool.post("/a", b"2", []))[0] == 200

@@ -7,8 +7,7 @@ import signal
 import subprocess
 import time
 
-import pytest
-from tests.support.bridge import ROOT, BridgeProc, Publisher, wait_until
+from tests.support.bridge import ROOT, BridgeProc, wait_until
 
 SAMPLES = ROOT.parent / "shared" / "samples" / "botonera.jsonl"
 SAMPLE_LINES = [
@@ -18,29 +17,6 @@ SAMPLE_LINES = [
     b'{"tipo_mensaje": "configuracion", "parametros": {"intervalo": 30, "modo": "automatico"}}',
     b'{"tipo_mensaje": "heartbeat", "timestamp": "2024-01-01T12:00:00"}',
 ]
-
-
-@pytest.fixture
-def bridge_factory(mosquitto, backend):
-    made: list[BridgeProc] = []
-
-    def make(**kw):
-        kw.setdefault("mqtt_port", mosquitto.port)
-        kw.setdefault("backend_url", backend.url)
-        b = BridgeProc(**kw)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        b.cleanup()
-
-
-@pytest.fixture
-def publisher(mosquitto):
-    p = Publisher(mosquitto.port)
-    yield p
-    p.close()
 
 
 def check_samples(backend, publisher) -> None:

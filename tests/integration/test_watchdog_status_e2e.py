@@ -8,35 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.test_status_server import CHROMIUM, NEEDS_CHROMIUM, chromium_cmd
-from tests.support.bridge import ROOT, BridgeProc, Publisher, wait_until
+from tests.support.bridge import ROOT, wait_until
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
-
-
-@pytest.fixture
-def bridge_factory(mosquitto, backend):
-    made: list[BridgeProc] = []
-
-    def make(**kw):
-        kw.setdefault("mqtt_port", mosquitto.port)
-        kw.setdefault("backend_url", backend.url)
-        b = BridgeProc(**kw)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        b.cleanup()
-
-
-@pytest.fixture
-def publisher(mosquitto):
-    p = Publisher(mosquitto.port)
-    yield p
-    p.close()
 
 
 def watchdog_events(backend) -> list[dict]:
@@ -216,7 +192,9 @@ def test_readyz_reports_a_stalled_sink(bridge_factory, backend, publisher):
     assert wait_until(lambda: bridge.http("/readyz")[0] == 200, 5, "ready")
     backend.fault(status=503, seconds=60)
     publisher.publish({"tipo_mensaje": "alarmas", "tipo_alarma": "C", "empresa": "cota"})
-    code, body = wait_until(lambda: r if (r := bridge.http("/readyz"))[0] == 503 else None, 10, "503")
+    code, body = wait_until(
+        lambda: r if (r := bridge.http("/readyz"))[0] == 503 else None, 10, "503"
+    )
     assert b"backend: stalled" in body
     backend.clear_fault()
     wait_until(lambda: bridge.http("/readyz")[0] == 200, 15, "ready after the backend returns")

@@ -10,7 +10,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from tests.servers.whatsapp_api import FakeWhatsApp
-from tests.support.bridge import BridgeProc, Publisher, wait_until
+from tests.support.bridge import BridgeProc, wait_until
 from tests.support.gateway import GatewayProc, waha
 
 ANA = "+573001112233"
@@ -34,8 +34,8 @@ def gateway():
 
 
 @pytest.fixture
-def bridge_factory(mosquitto, backend, wa, gateway):
-    made: list[BridgeProc] = []
+def wa_bridge(bridge_factory, wa, gateway):
+    """bridge_factory with the Cloud API fake, the gateway and cota's two contacts."""
 
     def make(conf=None, **kw):
         base = {
@@ -51,22 +51,9 @@ def bridge_factory(mosquitto, backend, wa, gateway):
         }
         for k, v in (conf or {}).items():
             base[k] = {**base[k], **v} if isinstance(v, dict) and k in base else v
-        kw.setdefault("mqtt_port", mosquitto.port)
-        kw.setdefault("backend_url", backend.url)
-        b = BridgeProc(conf=base, **kw)
-        made.append(b)
-        return b
+        return bridge_factory(conf=base, **kw)
 
-    yield make
-    for b in made:
-        b.cleanup()
-
-
-@pytest.fixture
-def publisher(mosquitto):
-    p = Publisher(mosquitto.port)
-    yield p
-    p.close()
+    return make
 
 
 def sent_to(wa: FakeWhatsApp, number: str) -> list[tuple[float, str]]:
@@ -85,8 +72,8 @@ def wait_ws(bridge: BridgeProc) -> None:
     wait_until(lambda: bridge.status()["components"]["websocket"]["up"], 10, "gateway connected")
 
 
-def test_cloud_delivery_within_1s_and_log_masked(bridge_factory, wa, publisher):
-    bridge = bridge_factory().start()
+def test_cloud_delivery_within_1s_and_log_masked(wa_bridge, wa, publisher):
+    bridge = wa_bridge().start()
     t0 = time.monotonic()
     publisher.publish(
         {
@@ -111,9 +98,9 @@ def test_cloud_delivery_within_1s_and_log_masked(bridge_factory, wa, publisher):
     assert "wa-tok" not in bridge.log_text()
 
 
-def test_whatsapp_independent_of_backend(bridge_factory, wa, publisher, backend, redis_server):
+def test_whatsapp_independent_of_backend(wa_bridge, wa, publisher, backend, redis_server):
     backend.fault(status=503, seconds=600)
-    bridge_factory(redis_url=redis_server.url).start()
+    wa_bridge(redis_url=redis_server.url).start()
     t0 = time.monotonic()
     publisher.publish(
         {
@@ -129,8 +116,8 @@ def test_whatsapp_independent_of_backend(bridge_factory, wa, publisher, backend,
     assert backend.alerts() == []
 
 
-def test_identical_alarms_coalesce(bridge_factory, wa, publisher):
-    bridge_factory().start()
+def test_identical_alarms_coalesce(wa_bridge, wa, publisher):
+    wa_bridge().start()
     alarm = {
         "tipo_mensaje": "alarmas",
         "tipo_alarma": "CRITICA",
@@ -146,8 +133,8 @@ def test_identical_alarms_coalesce(bridge_factory, wa, publisher):
     assert "×10" in msgs[0][1]
 
 
-def test_template_message(bridge_factory, wa, publisher):
-    bridge_factory(conf={"whatsapp": {"template": "alerta_botonera"}}).start()
+def test_template_message(wa_bridge, wa, publisher):
+    wa_bridge(conf={"whatsapp": {"template": "alerta_botonera"}}).start()
     publisher.publish(
         {
             "tipo_mensaje": "alarmas",
@@ -166,8 +153,8 @@ def test_template_message(bridge_factory, wa, publisher):
     assert any("Gas" in p for p in params)
 
 
-def test_estado_authorized_and_stranger(bridge_factory, wa, publisher, gateway, backend):
-    bridge = bridge_factory().start()
+def test_estado_authorized_and_stranger(wa_bridge, wa, publisher, gateway, backend):
+    bridge = wa_bridge().start()
     wait_ws(bridge)
     publisher.publish(
         {
@@ -205,8 +192,8 @@ def test_estado_authorized_and_stranger(bridge_factory, wa, publisher, gateway, 
     assert 'botonera_whatsapp_ignored_total{reason="unauthorized"} 1.0' in body.decode()
 
 
-def test_ack_flow_stops_escalation(bridge_factory, wa, publisher, gateway, backend):
-    bridge = bridge_factory(conf={"escalation": {"after": 2, "max": 3}}).start()
+def test_ack_flow_stops_escalation(wa_bridge, wa, publisher, gateway, backend):
+    bridge = wa_bridge(conf={"escalation": {"after": 2, "max": 3}}).start()
     wait_ws(bridge)
     publisher.publish(
         {
@@ -230,8 +217,8 @@ def test_ack_flow_stops_escalation(bridge_factory, wa, publisher, gateway, backe
     assert sent_to(wa, CENTRAL) == []
 
 
-def test_escalation_without_ack_real_time(bridge_factory, wa, publisher, gateway):
-    bridge_factory(conf={"escalation": {"after": 2, "max": 1}}).start()
+def test_escalation_without_ack_real_time(wa_bridge, wa, publisher, gateway):
+    wa_bridge(conf={"escalation": {"after": 2, "max": 1}}).start()
     publisher.publish(
         {
             "tipo_mensaje": "alarmas",
@@ -247,7 +234,7 @@ def test_escalation_without_ack_real_time(bridge_factory, wa, publisher, gateway
     )
 
 
-def test_semaforo_command_publishes_and_reconnect_dedups(bridge_factory, wa, gateway, mosquitto):
+def test_semaforo_command_publishes_and_reconnect_dedups(wa_bridge, wa, gateway, mosquitto):
     got: list[dict] = []
     ready = threading.Event()
     sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="cmd-watcher")
@@ -257,7 +244,7 @@ def test_semaforo_command_publishes_and_reconnect_dedups(bridge_factory, wa, gat
     sub.loop_start()
     try:
         assert ready.wait(5)
-        bridge = bridge_factory().start()
+        bridge = wa_bridge().start()
         wait_ws(bridge)
         colors = ["ROJO", "AMARILLO", "VERDE"]
         frames = [
@@ -282,7 +269,7 @@ def test_semaforo_command_publishes_and_reconnect_dedups(bridge_factory, wa, gat
 
 
 def test_inbound_exactly_once_in_order_through_redis_loss(
-    bridge_factory, gateway, mosquitto, redis_server
+    wa_bridge, gateway, mosquitto, redis_server
 ):
     carla = "+573002223344"
     senders = [ANA, BETO, carla]
@@ -295,7 +282,7 @@ def test_inbound_exactly_once_in_order_through_redis_loss(
     sub.loop_start()
     try:
         assert ready.wait(5)
-        bridge = bridge_factory(
+        bridge = wa_bridge(
             redis_url=redis_server.url,
             conf={"empresas": [{"id": "cota", "nombre": "Cota", "contactos": senders}]},
         ).start()

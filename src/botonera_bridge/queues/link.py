@@ -88,7 +88,7 @@ class RedisLink:
             await trio.sleep_forever()
         first = True
         while True:
-            for delay in delays(0.5, 5.0):
+            for delay in delays(0.5, 2.0):  # a PING every <= 2 s is cheap; recover fast
                 try:
                     await self._recover()
                 except RedisError as exc:
