@@ -11,8 +11,9 @@ Measured (medians over --runs, default 3):
 - CPU µs per message: the target process's user+sys time over the burst / N;
 - RSS: idle (2 s after warm-up) and peak (sampled every 20 ms through burst and latency);
 - the .pyz warm start of ``--help``.
-Then: a py-spy profile of one bridge burst, CPU per POST of httpx / httpcore /
-Http11Pool, and the bridge with BackendSink._post monkeypatched onto Http11Pool.
+Then: idle RSS with the status server on, a py-spy profile of one bridge burst,
+and bench/http_clients.py, the HTTP-client micro-benchmark (CPU per POST of httpx /
+httpcore / the product's sinks/http11.Http11Pool) that explains the backend client choice.
 
 Bounded: every wait has a deadline, and only processes started here are stopped, by PID.
 """
@@ -181,7 +182,7 @@ class _Popen:
 
 
 class _Bridge:
-    def __init__(self, argv: list[str] | None, mosq: Mosquitto, redis: Redis | None, url: str):
+    def __init__(self, mosq: Mosquitto, redis: Redis | None, url: str, *, status: bool = False):
         self.bp = BridgeProc(
             mqtt_port=mosq.port,
             backend_url=url,
@@ -189,11 +190,10 @@ class _Bridge:
             conf={
                 "mqtt": {"client_id": "bench-bridge"},
                 "backend": {"timeout": 10.0, "retry_max_delay": 1.0},
-                "status": {"listen": ""},
+                "status": {"listen": f"127.0.0.1:{free_port()}" if status else ""},
                 "whatsapp": {"provider": "log"},
                 "log": {"level": "WARNING"},
             },
-            argv=argv,
         )
         self.bp.start(wait_ready=False)
         self.pid = self.bp.pid
@@ -208,9 +208,9 @@ class _Bridge:
         shutil.rmtree(self.bp.dir, ignore_errors=True)
 
 
-def bridge_target(name: str, script: str | None) -> Target:
-    argv = [sys.executable, str(ROOT / "bench" / script)] if script else None
-    return Target(name, lambda m, r, u: _Bridge(argv, m, r, u), needs_redis=True)
+def bridge_target(*, status: bool = False) -> Target:
+    name = "bridge+status" if status else "bridge"
+    return Target(name, lambda m, r, u: _Bridge(m, r, u, status=status), needs_redis=True)
 
 
 def naive_target(workdir: Path) -> Target:
@@ -268,17 +268,26 @@ class RunResult:
     idle_rss: float = 0.0
     peak_rss: float = 0.0
     burst_pub_rate: float = 0.0
+    load: float = 0.0  # 1-minute load average when the run started
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_once(target: Target, sink: Sink, run_no: int, *, profile: Path | None = None) -> RunResult:
-    """One full measurement of one target on fresh broker and Redis."""
+def run_once(
+    target: Target,
+    sink: Sink,
+    run_no: int,
+    *,
+    profile: Path | None = None,
+    idle_only: bool = False,
+) -> RunResult:
+    """One full measurement of one target on fresh broker and Redis (``idle_only``: up to
+    the idle RSS)."""
     mosq = Mosquitto()
     mosq.start()
     redis = Redis(appendonly=True) if target.needs_redis else None
     if redis:
         redis.start()
-    res = RunResult()
+    res = RunResult(load=os.getloadavg()[0])
     proc = target.start(mosq, redis, sink.url)
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -303,6 +312,9 @@ def run_once(target: Target, sink: Sink, run_no: int, *, profile: Path | None = 
         time.sleep(2)  # settle, then idle RSS
         res.idle_rss = p.memory_info().rss / 2**20
         sink.dump()
+        if idle_only:
+            pub.close()
+            return res
         with RssSampler(proc.pid) as rss:
             if profile is not None:
                 spy = subprocess.Popen(
@@ -466,12 +478,16 @@ def table(all_results: dict[str, list[RunResult]], names: list[str]) -> str:
 
 
 def per_run(all_results: dict[str, list[RunResult]]) -> str:
-    out = ["| target | run | msg/s | µs/msg | p50 | p99 | max | idle MB | peak MB | pub msg/s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| target | run | load | msg/s | µs/msg | p50 | p99 | max | idle MB | peak MB "
+        "| pub msg/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, results in all_results.items():
         for i, r in enumerate(results, 1):
             out.append(
-                f"| {name} | {i} | {r.throughput:,.0f} | {r.cpu_us:.0f} | {r.p50:.2f} | "
+                f"| {name} | {i} | {r.load:.2f} | {r.throughput:,.0f} | {r.cpu_us:.0f} | "
+                f"{r.p50:.2f} | "
                 f"{r.p99:.2f} | {r.max:.1f} | {r.idle_rss:.1f} | {r.peak_rss:.1f} | "
                 f"{r.burst_pub_rate:,.0f} |"
             )
@@ -502,7 +518,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
-        "--no-http11", action="store_true", help="skip the monkeypatched Http11Pool bridge"
+        "--no-http-clients", action="store_true", help="skip the HTTP-client micro-benchmark"
     )
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     args = ap.parse_args()
@@ -544,9 +560,7 @@ def main() -> int:
             f"{cap['rate']:,.0f} req/s reached by a Python load client")
         say(f"- publisher alone (QoS 1, nobody subscribed): {pub_rate:,.0f} msg/s")
         say()
-        targets = [bridge_target("bridge", None), naive_target(workdir)]
-        if not args.no_http11:
-            targets.insert(1, bridge_target("bridge+http11", "bridge_http11.py"))
+        targets = [bridge_target(), naive_target(workdir)]
         results: dict[str, list[RunResult]] = {t.name: [] for t in targets}
         for run_no in range(args.runs):
             for t in targets:
@@ -571,6 +585,10 @@ def main() -> int:
         say(f"## Results (medians of {args.runs} runs)")
         say()
         say(table(results, names))
+        status_on = bridge_target(status=True)
+        idle_on = statistics.median(
+            run_once(status_on, sink, 20 + i, idle_only=True).idle_rss for i in range(args.runs)
+        )
         pyz = warm_start([sys.executable, str(PYZ)]) if ensure_pyz() else float("nan")
         naive_start = warm_start([sys.executable, str(ROOT / "bench" / "baselines" / "naive.py")])
         ok = "✓" if pyz <= 0.5 else "✗"
@@ -580,23 +598,36 @@ def main() -> int:
             + " | ".join("" for _ in names[1:]) + (" | " if len(names) > 1 else "")
             + "≤ 0.5 s |")
         say()
+        idle_off = median_of(results["bridge"], "idle_rss")
+        say(f"Idle RSS with the status server on (`status.listen` set, hypercorn loaded): "
+            f"{idle_on:.1f} MB ({'✓' if idle_on <= 40 else '✗'} ≤ 40 MB; status off: "
+            f"{idle_off:.1f} MB; medians of {args.runs}).")
+        say()
         say("Throughput = 20,000 / (last POST at the sink − first alarm published). CPU = the "
             "target process's user+sys time (psutil) from the first publish to the last POST, / "
-            "20,000. Latency = sink receive time − `sent_ns` in the payload (same clock). "
-            "`bridge+http11` is the bridge with `BackendSink._post` monkeypatched onto "
-            "`sinks/http11.Http11Pool` (bench/bridge_http11.py; not how the product runs today).")
+            "20,000. Latency = sink receive time − `sent_ns` in the payload (same clock). The "
+            "bridge POSTs through `sinks/http11.Http11Pool`, its default for an http:// backend. "
+            "`load` = the 1-minute load average when the run started (2 cores; other work on "
+            "the machine inflates latency tails).")
         say()
         say("### Every run")
         say()
         say(per_run(results))
         say()
-        say("## HTTP clients: CPU per POST (4 lanes, keep-alive, to the bench sink; medians of 3)")
-        say()
-        say("| client | CPU µs/POST | POST/s |")
-        say("|---|---:|---:|")
-        for row in http_clients(sink, 6000):
-            say(f"| {row['kind']} | {row['cpu_us_per_post']:.0f} | {row['posts_per_s']:,.0f} |")
-        say()
+        if not args.no_http_clients:
+            say("## HTTP clients: CPU per POST (bench/http_clients.py; 4 lanes, keep-alive, to "
+                "the bench sink; medians of 3)")
+            say()
+            say("A micro-benchmark of the clients alone, not the bridge: why the backend hot "
+                "path uses `http11` (sinks/http11.Http11Pool) and httpx only for https and "
+                "verify.")
+            say()
+            say("| client | CPU µs/POST | POST/s |")
+            say("|---|---:|---:|")
+            for row in http_clients(sink, 6000):
+                say(f"| {row['kind']} | {row['cpu_us_per_post']:.0f} | "
+                    f"{row['posts_per_s']:,.0f} |")
+            say()
         if not args.no_profile and shutil.which("py-spy"):
             for t in targets:
                 if t.name == "naive":
