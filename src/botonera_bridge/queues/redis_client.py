@@ -13,6 +13,7 @@ never returned to the pool.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -85,7 +86,12 @@ class Connection:
         self.broken = True
         await self._stream.aclose()
 
-    async def _read(self) -> Any:
+    # Raw fd I/O rather than SocketStream.send_all/receive_some: those yield after every
+    # send and try a recv that must fail (EAGAIN) before waiting, per round trip. Here a
+    # round trip is write, wait readable, read: one scheduler pass, no wasted syscall
+    # (~20 us less CPU per command; the bridge runs about 5 per message at low rates).
+
+    async def _read(self, fd: int) -> Any:
         while True:
             if self._buf:
                 try:
@@ -95,17 +101,35 @@ class Connection:
                 else:
                     del self._buf[:pos]
                     return value
-            data = await self._stream.receive_some(65536)
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
             if not data:
                 raise RedisError("connection closed by Redis")
             self._buf += data
+
+    async def _send(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                pass
+            if view:
+                await trio.lowlevel.wait_writable(fd)
 
     async def roundtrip(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send commands in one write, read one reply each (error replies returned, not raised)."""
         ok = False
         try:
-            await self._stream.send_all(b"".join(_encode(c) for c in commands))
-            replies = [await self._read() for _ in commands]
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: send nothing
+            fd = self._stream.socket.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the Redis connection is closed")
+            await self._send(fd, b"".join(_encode(c) for c in commands))
+            replies = [await self._read(fd) for _ in commands]
             ok = True
             return replies
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
