@@ -142,9 +142,9 @@ def bridge_factory(mosquitto: Mosquitto, backend: Backend) -> Iterator[Callable[
 
     yield make
     for bridge in made:
-        bridge.cleanup()
         # shown by pytest for a failing test only
         print(f"--- bridge log {bridge.log} (last 3000 chars) ---\n{bridge.log_text()[-3000:]}")
+        bridge.cleanup()
 
 
 @pytest.fixture

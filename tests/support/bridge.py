@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,7 @@ class BridgeProc:
     def cleanup(self) -> None:
         if self.running():
             self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_text(self) -> str:
         try:

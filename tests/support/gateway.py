@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ class GatewayProc:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def waha(msg_id: str, sender_digits: str, body: str, ts: int | None = None) -> dict[str, Any]:
