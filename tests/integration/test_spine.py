@@ -53,7 +53,9 @@ def check_samples(backend, publisher) -> None:
 
 def test_samples_reach_backend(bridge_factory, backend, publisher):
     if SAMPLES.is_file():  # shared/ sits beside the checkout on developer machines and in CI
-        assert [ln.strip() for ln in SAMPLES.read_bytes().splitlines() if ln.strip()] == SAMPLE_LINES
+        assert [
+            ln.strip() for ln in SAMPLES.read_bytes().splitlines() if ln.strip()
+        ] == SAMPLE_LINES
     bridge_factory().start()
     check_samples(backend, publisher)
 

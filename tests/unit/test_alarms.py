@@ -262,7 +262,13 @@ def test_bounded_per_empresa_acknowledged_first(monkeypatch: pytest.MonkeyPatch)
     clock.now += 1
     latest = book.observe(event(id=100))
     assert latest is not None
-    assert {a.id for a in book.open_alarms("cota")} == {ids[1], ids[2], ids[4], newest.id, latest.id}
+    assert {a.id for a in book.open_alarms("cota")} == {
+        ids[1],
+        ids[2],
+        ids[4],
+        newest.id,
+        latest.id,
+    }
 
 
 def test_snapshot_shape() -> None:
