@@ -12,7 +12,7 @@ import trio_websocket
 
 from . import USER_AGENT
 from .config import MqttSettings, Settings
-from .errors import BridgeError, MqttError, RedisError
+from .errors import MqttError, RedisError
 from .mqtt import MqttMessage, open_mqtt
 from .queues.redis_client import open_redis
 
@@ -162,64 +162,52 @@ async def send_test(settings: Settings, empresa: str, wait_seconds: float) -> tu
     from .cli import send_test_identity
 
     body, event_id = send_test_identity(empresa)
+    receipt_topic = RECEIPT_TOPIC + event_id
+    unreachable = f"broker unreachable ({settings.mqtt.broker}:{settings.mqtt.port})"
     receipt: dict[str, str] | None = None
     bridge_status = "unknown"
     send, recv = trio.open_memory_channel[MqttMessage](16)
     try:
-        with trio.fail_after(CHECK_TIMEOUT):
-            stack = open_mqtt(
+        async with (
+            open_mqtt(
                 _cli_mqtt(settings),
                 client_id=_cli_client_id(settings, "test"),
                 clean_session=True,
                 status_topic=False,
-            )
-            client = await stack.__aenter__()
-    except (trio.TooSlowError, MqttError, OSError) as exc:
-        return False, f"broker unreachable ({settings.mqtt.broker}:{settings.mqtt.port}): {exc}"
-    try:
-        async with trio.open_nursery() as n:
-            try:
-                with trio.fail_after(CHECK_TIMEOUT):
-                    await n.start(client.run, send)
-            except trio.TooSlowError:
+            ) as client,
+            trio.open_nursery() as n,
+        ):
+            with trio.move_on_after(CHECK_TIMEOUT) as connecting:
+                await n.start(client.run, send)
+            if connecting.cancelled_caught:
                 n.cancel_scope.cancel()
-                return False, f"broker unreachable ({settings.mqtt.broker}:{settings.mqtt.port})"
+                return False, unreachable
             await client.subscribe(STATUS_TOPIC, 1)
-            await client.subscribe(RECEIPT_TOPIC + event_id, 1)
+            await client.subscribe(receipt_topic, 1)
             await client.publish(settings.mqtt.topics[0], msgspec.json.encode(body), qos=1)
             with trio.move_on_after(wait_seconds):
                 async for msg in recv:
                     client.ack(msg)
                     if msg.topic == STATUS_TOPIC:
                         bridge_status = msg.payload.decode(errors="replace")
-                    elif msg.topic == RECEIPT_TOPIC + event_id:
+                    elif msg.topic == receipt_topic:
                         receipt = msgspec.json.decode(msg.payload)
                         break
             n.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await stack.__aexit__(None, None, None)
+    except MqttError as exc:
+        return False, f"{unreachable}: {exc}"
     if receipt is None:
         if bridge_status != "online":
-            return (
-                False,
-                f"no receipt within {wait_seconds:.0f}s: bridge down (status {bridge_status!r})",
+            why = f"bridge down (status {bridge_status!r})"
+        else:
+            why = (
+                "the bridge is online but its sinks did not confirm (backend or WhatsApp retrying)"
             )
-        return False, (
-            f"no receipt within {wait_seconds:.0f}s: the bridge is online but its sinks did not "
-            "confirm (backend or WhatsApp retrying)"
-        )
+        return False, f"no receipt within {wait_seconds:.0f}s: {why}"
     failed = [k for k in ("backend", "whatsapp") if receipt.get(k) == "failed"]
     if failed:
         names = {"backend": "backend failed", "whatsapp": "WhatsApp failed"}
-        return (
-            False,
-            f"{' and '.join(names[f] for f in failed)} (event {event_id}, receipt {receipt})",
-        )
-    return (
-        True,
-        f"event {event_id}: backend {receipt.get('backend')}, whatsapp {receipt.get('whatsapp')}",
-    )
-
-
-__all__ = ["BridgeError", "run_checks", "send_test", "publish_once"]
+        stages = " and ".join(names[f] for f in failed)
+        return False, f"{stages} (event {event_id}, receipt {receipt})"
+    outcome = f"backend {receipt.get('backend')}, whatsapp {receipt.get('whatsapp')}"
+    return True, f"event {event_id}: {outcome}"
