@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -27,6 +26,7 @@ from .alarms import AlarmBook
 from .backoff import delays
 from .commands import CommandContext, escalation_loop, handle
 from .config import Settings
+from .errors import MqttError
 from .health import Health
 from .messages import Event, now_rfc3339
 from .metrics import Metrics
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECEIPT_TOPIC: Final = "botonera-bridge/receipts/"
+RECEIPT_PUBLISH_WAIT: Final = 10.0  # seconds
 INTAKE_BUFFER: Final = 512  # MQTT messages between reader and router
 INBOX_GROUP: Final = "workers"
 _receipt_encoder: Final = msgspec.json.Encoder()
@@ -118,14 +119,18 @@ class Bridge:
         self.ws_enabled = False
 
     async def _publish_receipt(self, event: Event, outcomes: dict[str, str]) -> None:
-        body = {"id": event.id, "empresa": event.empresa}
-        body |= {k: ("ok" if v in ("ok",) else v) for k, v in outcomes.items()}
+        body = {"id": event.id, "empresa": event.empresa} | outcomes
         if self.mqtt is None:
             return
-        try:
-            await self.mqtt.publish(RECEIPT_TOPIC + event.id, _receipt_encoder.encode(body), qos=1)
-        except Exception as exc:  # noqa: BLE001 - a lost receipt only makes send-test fail
-            log.warning("cannot publish send-test receipt for %s: %s", event.id, exc)
+        # Called from a sink's ack path: never let a broker outage hold a sink up.
+        with trio.move_on_after(RECEIPT_PUBLISH_WAIT) as scope:
+            try:
+                payload = _receipt_encoder.encode(body)
+                await self.mqtt.publish(RECEIPT_TOPIC + event.id, payload, qos=1)
+            except MqttError as exc:
+                log.warning("cannot publish send-test receipt for %s: %s", event.id, exc)
+        if scope.cancelled_caught:
+            log.warning("send-test receipt for %s not confirmed by the broker", event.id)
 
     async def publish(self, topic: str, payload: bytes) -> None:
         if self.mqtt is None:
@@ -491,7 +496,3 @@ async def _shutdown_on_signal(
                 )
             everything.cancel()
             return
-
-
-def hostname() -> str:
-    return socket.gethostname()

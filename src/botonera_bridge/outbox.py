@@ -145,9 +145,10 @@ class Outbox:
         return await self.stream.append([(encode_event(e), k) for e, k in events], skip=skip)
 
     async def emit(self, event: Event) -> None:
-        """Append one bridge-made event (watchdog, acuse) and wait until it is safe."""
-        (receipt,) = await self.append([(event, "")])
-        await receipt.wait()
+        """Append one bridge-made event (watchdog, acuse). It does not wait for the memory
+        fallback to deliver it: nothing upstream waits for an ack, and the watchdog or a
+        command must not stall behind a backend outage."""
+        await self.append([(event, "")])
 
     def delivery(self, group: str) -> SinkDelivery:
         return SinkDelivery(self, group)
