@@ -8,7 +8,7 @@ from botonera_bridge.errors import RedisError
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.queues.link import RedisLink
 from botonera_bridge.queues.redis_client import open_redis
-from botonera_bridge.queues.streams import DurableStream
+from botonera_bridge.queues.streams import MAX_DELIVERIES, DurableStream
 
 GROUPS = ("a", "b")
 
@@ -178,3 +178,30 @@ async def test_reclaim_from_dead_consumer_and_own_pending(redis_server):
         got = await _drain(other, "a", 2)
         assert sorted(i.data for i in got) == [b"p1", b"p2"]
         n.cancel_scope.cancel()
+
+
+async def test_entry_delivered_too_often_goes_to_on_poison(redis_server):
+    poisoned = []
+
+    async def on_poison(group, item, deliveries):
+        poisoned.append((group, item.data, deliveries))
+
+    async with open_redis(redis_server.url) as redis:
+        link = RedisLink(redis)
+        await link.connect()
+        first = DurableStream(link, "t:p", GROUPS, consumer="c1", memory_limit=10)
+        await first.append([(b"crashes-us", "")])
+        # every restart (same consumer name) re-reads its pending entry and dies again
+        for _ in range(MAX_DELIVERIES):
+            again = DurableStream(
+                link, "t:p", GROUPS, consumer="c1", memory_limit=10, on_poison=on_poison
+            )
+            assert [i.data for i in await _drain(again, "a", 1)] == [b"crashes-us"]
+        last = DurableStream(
+            link, "t:p", GROUPS, consumer="c1", memory_limit=10, on_poison=on_poison
+        )
+        with trio.move_on_after(0.5):
+            await last.read("a", 10, block_ms=100)
+        assert poisoned == [("a", b"crashes-us", MAX_DELIVERIES + 1)]
+        pending = await redis.execute("XPENDING", "t:p", "a")
+        assert pending[0] == 0
