@@ -102,6 +102,8 @@ class AlarmBook:
         self._alarms: dict[str, OpenAlarm] = {}
         self._per_empresa: Counter[str] = Counter()
         self._last_sweep = -math.inf
+        self._forgotten: Counter[str] = Counter()
+        self._warned: dict[str, float] = {}
         self._semaforos: dict[str, Semaforo] = {}
         self.reload()
 
@@ -284,13 +286,16 @@ class AlarmBook:
             cut = mine[: len(mine) - MAX_PER_EMPRESA * 9 // 10]
             for alarm in cut:
                 self._forget(alarm.id)
-            log.warning(
-                "alarm board of %s over %d alarms: forgot the %d oldest (%d unacknowledged)",
-                e or "-",
-                MAX_PER_EMPRESA,
-                len(cut),
-                sum(1 for a in cut if not a.acked),
-            )
+            self._forgotten[e] += len(cut)
+            if now - self._warned.get(e, -math.inf) >= 60:  # one line a minute, not per alarm
+                self._warned[e] = now
+                log.warning(
+                    "alarm board of %s over %d alarms: forgot the %d oldest since the last "
+                    "warning (they were delivered; the board only shows the newest)",
+                    e or "-",
+                    MAX_PER_EMPRESA,
+                    self._forgotten.pop(e),
+                )
 
     # -- readers ----------------------------------------------------------------------
 
