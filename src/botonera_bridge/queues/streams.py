@@ -35,6 +35,7 @@ MEMORY_DEDUP: Final = 20000  # recent dedup keys remembered in memory
 RECLAIM_IDLE_MS: Final = 60000  # a pending entry idle this long belongs to a dead consumer
 TOUCH_AFTER: Final = 20.0  # seconds: refresh idle time of our own in-flight entries
 MAX_DELIVERIES: Final = 10
+MIGRATION_WAIT: Final = 5.0  # seconds sinks get to finish memory entries when Redis returns
 
 # One round trip, atomic: remember each item's dedup key; skip a re-delivered item
 # (key prefixed "?") whose key was already there; append the rest.
@@ -237,6 +238,13 @@ class DurableStream:
     # -- recovery ----------------------------------------------------------------------------
     async def _on_recovery(self) -> None:
         await self._ensure_groups(force=True)
+        # Entries a group is delivering right now from memory: let it finish (bounded) so
+        # the stream copy is marked done for that group instead of delivered twice. Appends
+        # keep flowing into memory meanwhile (the lock is not held): intake never stalls.
+        with trio.move_on_after(MIGRATION_WAIT):
+            # polled: a rare recovery-time wait on sinks' progress, bounded above
+            while any(m.taken_by - m.done_by for m in self._mem.values()):  # noqa: ASYNC110
+                await trio.sleep(0.05)
         async with self._lock:
             await self._migrate_locked()
         await self._flush_acks()
@@ -246,12 +254,6 @@ class DurableStream:
         pending = list(self._mem.values())
         if not pending:
             return
-        # Entries a group is delivering right now from memory: let it finish (bounded)
-        # so the stream copy can be marked done for that group instead of redelivered.
-        with trio.move_on_after(5):
-            # polled: a rare recovery-time wait on sinks' progress, bounded above
-            while any(m.taken_by - m.done_by for m in pending):  # noqa: ASYNC110
-                await trio.sleep(0.05)
         for start in range(0, len(pending), 500):
             chunk = pending[start : start + 500]
             await self._xadd(
