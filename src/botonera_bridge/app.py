@@ -214,19 +214,16 @@ class Bridge:
         comp["backend"] = {"up": not backend_error, "detalle": backend_error}
         if not self.ws_enabled:
             comp["websocket"] = {"up": False, "detalle": "desactivado"}
-        m = self.metrics
         return {
             "components": comp,
             "empresas": empresas,
             "queues": {
-                "outbox_backend": int(_gauge(m, "outbox_backend")),
-                "outbox_whatsapp": int(_gauge(m, "outbox_whatsapp")),
-                "inbox": int(_gauge(m, "inbox")),
-                "dead": int(_gauge(m, "dead")),
+                q: self._depth.get(q, 0)
+                for q in ("outbox_backend", "outbox_whatsapp", "inbox", "dead")
             },
             "memory_fallback": not self.link.up,
             "invariante": self.invariant(),
-            "counters": _counters(m),
+            "counters": _counters(self.metrics),
         }
 
     def invariant(self) -> dict[str, dict[str, int | bool]]:
@@ -238,7 +235,7 @@ class Bridge:
         out: dict[str, dict[str, int | bool]] = {}
         for g, done in self.outbox.finished_count.items():
             start = self._backlog_at_start.get(g)
-            depth = self._depth.get(g, 0)
+            depth = self._depth.get(f"outbox_{g}", 0)
             received = self.outbox.stream.appended
             row: dict[str, int | bool] = {
                 "recibidos": received,
@@ -254,26 +251,30 @@ class Bridge:
         return out
 
     async def gauges(self) -> None:
-        """Refresh queue depth gauges and the sinks' stall reports once a second."""
-        m = self.metrics
+        """Refresh queue depths once a second, and from them each sink's stall report:
+        one place, the outbox's own counters, for both sinks."""
+        finished_before: dict[str, int] = {}
         while True:
             for g in ("backend", "whatsapp"):
-                depth = self._depth[g] = await self.outbox.stream.depth(g)
+                depth = self._depth[f"outbox_{g}"] = await self.outbox.stream.depth(g)
                 finished = sum(self.outbox.finished_count[g].values())
                 self._backlog_at_start.setdefault(g, depth + finished - self.outbox.stream.appended)
-                m.queue_depth.labels(queue=f"outbox_{g}").set(depth)
-                self.health.waiting(g, depth)
-            m.queue_depth.labels(queue="inbox").set(await self.inbox.depth(INBOX_GROUP))
+                if finished != finished_before.get(g):
+                    self.health.progress(g, depth)
+                else:
+                    self.health.waiting(g, depth)
+                finished_before[g] = finished
+            self._depth["inbox"] = await self.inbox.depth(INBOX_GROUP)
             dead = len(self.dead.memory)
             if self.link.up and self.link.redis is not None:
                 try:
                     dead += int(await self.link.redis.execute("XLEN", self.dead.key))
                 except Exception as exc:  # noqa: BLE001 - the link notices Redis trouble itself
                     log.debug("XLEN %s failed: %s", self.dead.key, exc)
-            m.queue_depth.labels(queue="dead").set(dead)
-            m.queue_depth.labels(queue="memory").set(
-                self.outbox.stream.memory_items + self.inbox.memory_items
-            )
+            self._depth["dead"] = dead
+            self._depth["memory"] = self.outbox.stream.memory_items + self.inbox.memory_items
+            for queue, n in self._depth.items():
+                self.metrics.queue_depth.labels(queue=queue).set(n)
             await trio.sleep(1)
 
 
@@ -284,10 +285,6 @@ def _freeze_startup_objects() -> None:
     cycles are collected first, so nothing is leaked; ``run`` unfreezes on exit."""
     gc.collect()
     gc.freeze()
-
-
-def _gauge(m: Metrics, queue: str) -> float:
-    return float(m.queue_depth.labels(queue=queue)._value.get())
 
 
 def _counters(m: Metrics) -> dict[str, float]:
@@ -372,7 +369,6 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             client=http,
             user_agent=USER_AGENT,
             metrics=bridge.metrics,
-            health=bridge.health,
             on_unknown=tell_central,
         )
         bridge.backend_sink = backend_sink

@@ -198,3 +198,30 @@ def test_readyz_reports_a_stalled_sink(bridge_factory, backend, publisher):
     assert b"backend: stalled" in body
     backend.clear_fault()
     wait_until(lambda: bridge.http("/readyz")[0] == 200, 15, "ready after the backend returns")
+
+
+def test_a_progressing_whatsapp_backlog_is_not_stalled(bridge_factory, publisher, redis_server):
+    # one contact, 4 distinct alarms: the 6 s spacing keeps a WhatsApp backlog for ~18 s,
+    # with a send every 6 s; a sink that finishes work every 6 s is not stalled at 8 s
+    bridge = bridge_factory(
+        redis_url=redis_server.url,
+        conf={
+            "heartbeat": {"stall_timeout": 8.0},
+            "empresas": [{"id": "cota", "nombre": "Cota", "contactos": ["+573001112233"]}],
+        },
+    ).start()
+    for i in range(4):
+        publisher.publish(
+            {
+                "tipo_mensaje": "alarmas",
+                "tipo_alarma": "C",
+                "descripcion": f"a{i}",
+                "empresa": "cota",
+            }
+        )
+    end = time.monotonic() + 16
+    while time.monotonic() < end:
+        code, body = bridge.http("/readyz")
+        assert code == 200, body
+        time.sleep(0.5)
+    assert bridge.log_text().count("WhatsApp → +57******2233") >= 3

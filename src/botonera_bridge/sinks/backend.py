@@ -19,7 +19,6 @@ import trio
 from ..backoff import delays
 from ..config import BackendSettings
 from ..errors import PermanentDelivery, TransientDelivery
-from ..health import Health
 from ..messages import Event
 from ..metrics import Metrics
 from ..outbox import Entry
@@ -77,7 +76,6 @@ class BackendSink:
         client: httpx.AsyncClient | None = None,
         user_agent: str,
         metrics: Metrics | None = None,
-        health: Health | None = None,
         on_unknown: Callable[[Event], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
@@ -89,7 +87,6 @@ class BackendSink:
         self._pool = pool
         self._client = client
         self._metrics = metrics
-        self._health = health
         self._url = settings.url.rstrip("/") + PROCESS_PATH
         self._headers = {"Content-Type": "application/json", "User-Agent": user_agent}
         if settings.token:
@@ -119,8 +116,6 @@ class BackendSink:
                     await self._room.wait()
                 entries = await delivery.read(min(READ_BATCH, MAX_INFLIGHT - self._inflight))
                 self._inflight += len(entries)
-                if self._health is not None:
-                    self._health.waiting("backend", self._inflight)
                 for entry in entries:
                     lane = self._lanes.get(entry.event.lane)
                     if lane is None:
@@ -147,8 +142,6 @@ class BackendSink:
                         await delivery.ack(done, outcome)
                 self._inflight -= len(batch)
                 self._room.set()
-                if self._health is not None:
-                    self._health.progress("backend", self._inflight)
 
     async def _lane(
         self,
