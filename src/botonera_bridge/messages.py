@@ -155,6 +155,11 @@ def decode(payload: bytes, topic: str, received_ns: int, max_payload: int) -> tu
         )
         raise InvalidMessage(reason, text, topic=topic) from exc
     except msgspec.DecodeError as exc:
+        # msgspec < 0.23 raises UnicodeDecodeError, later versions DecodeError: classify here.
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise InvalidMessage("invalid_utf8", str(uexc), topic=topic) from exc
         raise InvalidMessage("invalid_json", str(exc), topic=topic) from exc
 
     parts = topic.split("/")
