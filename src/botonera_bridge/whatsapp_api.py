@@ -37,6 +37,7 @@ TRANSIENT_CODES: Final = frozenset({130429, 131056, 131057, 131000, 131016})
 PERMANENT_CODES: Final = frozenset({131047, 131026, 131051, 100, 190})
 _TRANSIENT_STATUS: Final = frozenset({408, 425, 429})
 MAX_BODY: Final = 500  # characters of an error body kept in exceptions
+MAX_ID: Final = 256  # characters of a provider message id kept
 MAX_RETRY_AFTER: Final = 3600.0  # seconds; anything longer is treated as garbage
 
 _json: Final = msgspec.json.Encoder()
@@ -46,13 +47,13 @@ _probe: Final = msgspec.json.Decoder(dict[str, Any])
 class Sender(Protocol):
     """Sends one WhatsApp message to one number.
 
-    ``to`` is E.164 (``+57...``). Raises TransientDelivery (retry) or
-    PermanentDelivery (do not retry).
+    ``to`` is E.164 (``+57...``). Returns the provider's message id (None when it
+    gives none). Raises TransientDelivery (retry) or PermanentDelivery (do not retry).
     """
 
     async def send_text(
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
-    ) -> None: ...
+    ) -> str | None: ...
 
 
 class WhatsAppRejected(PermanentDelivery):
@@ -107,11 +108,26 @@ def _scrub(text: str, number: str) -> str:
     return text.replace(number, mask_phone(number)) if number else text
 
 
-def classify(response: httpx.Response, number: str, provider: str) -> None:
-    """Return if the response is a success; raise the right DeliveryError otherwise."""
+def message_id(response: httpx.Response) -> str | None:
+    """The provider's id of a sent message: Cloud ``messages[0].id``, WAHA ``id``."""
+    try:
+        body = _probe.decode(response.content)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    found: Any = body.get("id")
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        found = messages[0].get("id")
+    if isinstance(found, dict):  # WAHA (WEBJS) answers {"id": {"_serialized": ...}}
+        found = found.get("_serialized")
+    return found[:MAX_ID] if isinstance(found, str) and found else None
+
+
+def classify(response: httpx.Response, number: str, provider: str) -> str | None:
+    """Return the message id on success; raise the right DeliveryError otherwise."""
     status = response.status_code
     if 200 <= status < 300:
-        return
+        return message_id(response)
     body = _scrub(response.text[:MAX_BODY], number)
     code: int | None = None
     reason = ""
@@ -151,7 +167,7 @@ def classify(response: httpx.Response, number: str, provider: str) -> None:
 
 async def _post(
     client: httpx.AsyncClient, url: str, payload: dict[str, Any], number: str, provider: str
-) -> None:
+) -> str | None:
     import httpx
 
     try:
@@ -164,7 +180,7 @@ async def _post(
         raise TransientDelivery(
             f"{provider} unreachable: {type(exc).__name__}: {_scrub(str(exc), number)}", sink=SINK
         ) from exc
-    classify(response, number, provider)
+    return classify(response, number, provider)
 
 
 class LogSender:
@@ -172,8 +188,9 @@ class LogSender:
 
     async def send_text(
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
-    ) -> None:
+    ) -> str | None:
         logger.info("WhatsApp → %s: %s", mask_phone(to), text)
+        return None
 
 
 class CloudSender:
@@ -218,9 +235,9 @@ class CloudSender:
 
     async def send_text(
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
-    ) -> None:
+    ) -> str | None:
         number = digits(to)
-        await _post(
+        return await _post(
             self._client, self.url, self.body(number, text, template_params), number, "cloud"
         )
 
@@ -235,10 +252,10 @@ class WahaSender:
 
     async def send_text(
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
-    ) -> None:
+    ) -> str | None:
         number = digits(to)
         payload = {"session": self._session, "chatId": f"{number}@c.us", "text": text}
-        await _post(self._client, self.url, payload, number, "waha")
+        return await _post(self._client, self.url, payload, number, "waha")
 
 
 @asynccontextmanager

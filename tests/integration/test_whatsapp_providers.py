@@ -312,3 +312,40 @@ async def test_connection_errors_and_timeouts_are_transient(wa_server):
         with pytest.raises(TransientDelivery) as info:
             await sender.send_text(NUMBER, "x")
         assert info.value.status == 500
+
+
+async def test_sink_reports_provider_message_ids_to_its_observer(wa_server):
+    """Cloud answers messages[0].id, WAHA id._serialized: both reach the observer."""
+    seen: list[tuple[str, str | None, list[str]]] = []
+    failed: list[tuple[str, list[str], str]] = []
+
+    class Observer:
+        def sent(self, number: str, message_id: str | None, event_ids: Any) -> None:
+            seen.append((number, message_id, list(event_ids)))
+
+        def failed(self, number: str, event_ids: Any, reason: str) -> None:
+            failed.append((number, list(event_ids), reason))
+
+    s = make_settings(wa_server, {"cota": [NUMBER]})
+    async with open_sender(s.whatsapp) as sender, trio.open_nursery() as nursery:
+        delivery = MemoryDelivery()
+        sink = WhatsAppSink(s, sender, observer=Observer())
+        await nursery.start(sink.run, delivery)
+        delivery.put(alarm(desc="uno"))
+        with trio.fail_after(5):
+            await delivery.wait_done(1)
+        nursery.cancel_scope.cancel()
+    delivery.close()
+    ((number, mid, ids),) = seen
+    assert number == NUMBER
+    assert mid is not None
+    assert mid.startswith("wamid.")
+    assert ids == ["ev-cota-uno"]
+    assert failed == []
+    waha = from_mapping(
+        {"whatsapp": {"provider": "waha", "api_url": wa_server.url, "token": TOKEN}}
+    )
+    async with open_sender(waha.whatsapp) as sender:
+        waha_id = await sender.send_text(NUMBER, "x")
+    assert waha_id is not None
+    assert waha_id.startswith(f"true_{DIGITS}@c.us_")

@@ -42,4 +42,17 @@ class Delivery(Protocol[E]):
         ...
 
 
-__all__ = ["Delivery", "E", "EntryLike"]
+class DeliveryObserver(Protocol):
+    """Told what happened to each WhatsApp message, per recipient (receipts, timeline).
+
+    ``event_ids`` are the outbox events the message carried; ``message_id`` is the
+    provider's id for the sent message (None when the provider gives none).
+    Called synchronously on the sink's path: implementations must not block.
+    """
+
+    def sent(self, number: str, message_id: str | None, event_ids: Sequence[str]) -> None: ...
+
+    def failed(self, number: str, event_ids: Sequence[str], reason: str) -> None: ...
+
+
+__all__ = ["Delivery", "DeliveryObserver", "E", "EntryLike"]

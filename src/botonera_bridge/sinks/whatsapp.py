@@ -41,7 +41,7 @@ from ..ids import mask_phone
 from ..messages import Event
 from ..metrics import Metrics
 from ..whatsapp_api import Sender, WhatsAppRejected
-from . import Delivery, EntryLike
+from . import Delivery, DeliveryObserver, EntryLike
 
 logger: Final = logging.getLogger("botonera_bridge.whatsapp")
 
@@ -165,6 +165,7 @@ class WhatsAppSink:
         metrics: Metrics | None = None,
         clock: Clock = trio.current_time,
         on_notified: Callable[[Event], None] | None = None,
+        observer: DeliveryObserver | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
         rng: random.Random | None = None,
     ) -> None:
@@ -174,6 +175,7 @@ class WhatsAppSink:
         self._metrics = metrics
         self._clock = clock
         self._on_notified = on_notified
+        self._observer = observer
         self._max_in_flight = max(1, max_in_flight)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._limiter = _RateLimiter(self._wa.max_per_second, clock)
@@ -402,7 +404,9 @@ class WhatsAppSink:
             await self._limiter.acquire()
             started = self._clock()
             try:
-                await self._sender.send_text(number, message.text, template_params=message.params)
+                sent_id = await self._sender.send_text(
+                    number, message.text, template_params=message.params
+                )
             except TransientDelivery as exc:
                 delay = self._backoff(attempt, exc.retry_after)
                 attempt += 1
@@ -420,6 +424,7 @@ class WhatsAppSink:
             except PermanentDelivery as exc:
                 logger.error("WhatsApp to %s refused for good: %s", mask_phone(number), exc)
                 message.failures[number] = exc
+                self._observe(message, number, None, str(exc))
             else:
                 self._next_slot[number] = started + self._wa.min_interval
                 first = not message.sent_to
@@ -427,12 +432,27 @@ class WhatsAppSink:
                 if self._metrics is not None:
                     self._metrics.whatsapp_sent.labels(kind=message.kind).inc()
                 logger.debug("WhatsApp %s sent to %s", message.kind, mask_phone(number))
+                self._observe(message, number, sent_id, None)
                 if first:
                     self._notified(message)
             break
         message.pending.discard(number)
         if not message.pending:
             await self._finish(message)
+
+    def _observe(
+        self, message: _Message, number: str, sent_id: str | None, failure: str | None
+    ) -> None:
+        if self._observer is None or not message.entries:
+            return
+        ids = [entry.event.id for entry in message.entries]
+        try:
+            if failure is None:
+                self._observer.sent(number, sent_id, ids)
+            else:
+                self._observer.failed(number, ids, failure)
+        except Exception:
+            logger.exception("delivery observer failed for %s", mask_phone(number))
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
