@@ -46,6 +46,12 @@ class Metrics:
         self.invalid_frames = Counter(
             "botonera_ws_invalid_frames", "Malformed WebSocket frames", registry=r
         )
+        self.rejected = Counter(
+            "botonera_rejected",
+            "Inputs rejected at an intake boundary (source: mqtt, websocket, webhook, inbox)",
+            ["source", "reason"],
+            registry=r,
+        )
         self.whatsapp_sent = Counter(
             "botonera_whatsapp_sent", "WhatsApp messages sent", ["kind"], registry=r
         )
