@@ -1,36 +1,55 @@
+# Every target runs the project's own virtualenv (.venv), made from requirements.lock the
+# first time a target needs it: a fresh clone needs only `make demo` and `make test`.
 PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-from-lock
+PLATFORM ?=
 export PYTHONDONTWRITEBYTECODE ?=
 
-.PHONY: setup test test-fast check lint types demo pyz bench clean
+.PHONY: setup lock test test-fast check lint types demo pyz bench clean
 
-setup:  ## install the project and its dev tools
-	$(PYTHON) -m pip install -q -e '.[dev]'
+# The venv is (re)installed whenever the lock or pyproject.toml is newer than the stamp.
+# --require-hashes: every wheel must match the hash PyPI published when the lock was made.
+# --no-build-isolation: the project itself builds with the lock's setuptools and wheel.
+$(STAMP): $(LOCK) pyproject.toml
+	@test -x $(PY) || { echo "· creating $(VENV) from $(LOCK)"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
 
-test:  ## the whole suite (unit, integration, faults) against private mosquitto/redis
-	$(PYTHON) -m pytest -q
+setup: $(STAMP)  ## create or update .venv from the lock (done by every target that needs it)
 
-test-fast:  ## unit tests only
-	$(PYTHON) -m pytest -q tests/unit
+lock:  ## re-resolve requirements.lock from pyproject.toml against PyPI (see README: dependencias)
+	$(PY) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras \
+	    --no-emit-find-links --no-emit-index-url --extra dev \
+	    $(if $(UPGRADE),--upgrade-package '$(UPGRADE)') -o $(LOCK) pyproject.toml
+
+test: $(STAMP)  ## the whole suite (unit, integration, faults) against private mosquitto/redis
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## unit tests only
+	$(PY) -m pytest -q tests/unit
 
 check: lint types
 
-lint:
-	$(PYTHON) -m ruff check src tests bench scripts
-	$(PYTHON) -m ruff format --check src
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff format --check src
 
-types:
-	$(PYTHON) -m mypy --strict src
+types: $(STAMP)
+	$(PY) -m mypy --strict src
 
-demo:  ## the main job on embedded defaults: private broker, reference backend, log WhatsApp, memory queues
-	$(PYTHON) scripts/demo.py
+demo: $(STAMP)  ## the main job on embedded defaults: private broker, reference backend, log WhatsApp, memory queues
+	$(PY) scripts/demo.py
 
-pyz: dist/botonera-bridge.pyz
+# `make pyz` for this machine; `make pyz PLATFORM=linux-aarch64` for a 64-bit Raspberry Pi.
+pyz: $(STAMP)
+	$(PY) scripts/build_pyz.py $(if $(PLATFORM),--platform $(PLATFORM))
 
-dist/botonera-bridge.pyz: shiv.toml pyproject.toml $(shell find src -name '*.py' -o -name '*.html')
-	$(PYTHON) scripts/build_pyz.py
-
-bench:  ## throughput, latency, CPU and RSS against a naive baseline (writes bench/results/latest.md)
-	$(PYTHON) bench/run.py
+bench: $(STAMP)  ## throughput, latency, CPU and RSS against a naive baseline (writes bench/results/latest.md)
+	$(PY) bench/run.py
 
 clean:
 	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache tests/artifacts

@@ -112,7 +112,8 @@ class Bridge:
             s, self.outbox, metrics=self.metrics, observers=[self.watchdog.seen, self.book.observe]
         )
         self.mqtt: MqttClient | None = None
-        self.ready = trio.Event()
+        self.ready = trio.Event()  # subscribed: the "running" log line
+        self.started = trio.Event()  # every task started: systemd READY=1 (broker or not)
         self.backend_sink: BackendSink | None = None
         self._depth: dict[str, int] = {}
         self._backlog_at_start: dict[str, int] = {}
@@ -254,8 +255,15 @@ class Bridge:
         """Refresh queue depths once a second, and from them each sink's stall report:
         one place, the outbox's own counters, for both sinks."""
         finished_before: dict[str, int] = {}
+        retries_before: dict[str, float] = {}
         while True:
             for g in ("backend", "whatsapp"):
+                retries = self.metrics.registry.get_sample_value(
+                    "botonera_retries_total", {"sink": g}
+                )
+                if retries is not None and retries != retries_before.get(g, retries):
+                    self.health.attempted(g)  # failing against an outage is not being stuck
+                retries_before[g] = retries or 0.0
                 depth = self._depth[f"outbox_{g}"] = await self.outbox.stream.depth(g)
                 finished = sum(self.outbox.finished_count[g].values())
                 self._backlog_at_start.setdefault(g, depth + finished - self.outbox.stream.appended)
@@ -427,7 +435,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             nursery.start_soon(
                 _supervise, "escalation", bridge.health, lambda: escalation_loop(ctx)
             )
-            nursery.start_soon(notify_loop, bridge.health, bridge.ready)
+            nursery.start_soon(notify_loop, bridge.health, bridge.started)
 
             async def intake_tasks(
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -443,7 +451,10 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                         if mqtt is not None:
                             send, recv = trio.open_memory_channel[MqttMessage](INTAKE_BUFFER)
                             await n.start(bridge.router.run, recv, mqtt)
+                            # the MQTT task retries the broker by itself: not a reason to wait
+                            bridge.started.set()
                             await n.start(mqtt.run, send)
+                        bridge.started.set()
                         task_status.started()
 
             await nursery.start(intake_tasks)

@@ -25,6 +25,7 @@ class Health:
         self.required: set[str] = set()
         self._pending: dict[str, int] = {}
         self._last_progress: dict[str, float] = {}
+        self._last_attempt: dict[str, float] = {}
         self.dead: dict[str, str] = {}
 
     def require(self, component: str) -> None:
@@ -49,6 +50,10 @@ class Health:
         self._pending[sink] = pending
         self._last_progress.setdefault(sink, self._clock())
 
+    def attempted(self, sink: str) -> None:
+        """A sink tried (and failed) to deliver: it is alive, the world is not."""
+        self._last_attempt[sink] = self._clock()
+
     def task_died(self, name: str, error: str) -> None:
         self.dead[name] = error
 
@@ -64,6 +69,20 @@ class Health:
             idle = now - self._last_progress.get(sink, now)
             if pending > 0 and idle >= self.stall_timeout:
                 out.append(f"{sink}: stalled, {pending} pending, no progress for {idle:.0f}s")
+        out.extend(f"task {n} died: {e}" for n, e in sorted(self.dead.items()))
+        return out
+
+    def liveness_problems(self) -> list[str]:
+        """What systemd's watchdog must hear about: a dead task, or a sink with work that
+        neither finished nor even attempted anything for ``stall_timeout``. An outage of
+        the broker, Redis, the backend or the gateway is not one: the tasks that own
+        those connections keep retrying, so a restart would fix nothing."""
+        now = self._clock()
+        out = []
+        for sink, pending in sorted(self._pending.items()):
+            last = max(self._last_progress.get(sink, now), self._last_attempt.get(sink, 0.0))
+            if pending > 0 and now - last >= self.stall_timeout:
+                out.append(f"{sink}: stuck, {pending} pending, no attempt for {now - last:.0f}s")
         out.extend(f"task {n} died: {e}" for n, e in sorted(self.dead.items()))
         return out
 

@@ -1,10 +1,13 @@
 """systemd notifications (``sd_notify``) without a dependency.
 
 With ``NOTIFY_SOCKET`` set (``Type=notify`` units), :func:`notify_loop` sends
-``READY=1`` once the bridge is subscribed and then ``WATCHDOG=1`` every half
-``WATCHDOG_USEC`` (5 s when unset) — but only while :class:`Health` says ready,
-so a wedged bridge is restarted by systemd's ``WatchdogSec=``. It also keeps
-``STATUS=`` (shown by ``systemctl status``) up to date. :func:`stopping` sends
+``READY=1`` once every task has started (not once the broker answers: a boot with
+the broker unreachable must not fail ``systemctl start``), then ``WATCHDOG=1``
+every half ``WATCHDOG_USEC`` (5 s when unset) while the event loop runs and
+:meth:`Health.liveness_problems` is empty, so only a wedged bridge (a dead or stuck
+task) is restarted by ``WatchdogSec=``; an outage of the broker, Redis, the backend
+or the gateway shows in ``STATUS=`` (one line, shown by ``systemctl status``) and
+``/readyz`` only. :func:`stopping` sends
 ``STOPPING=1`` at the start of shutdown. Everything is a no-op without
 ``NOTIFY_SOCKET``; a send that fails is logged, never raised.
 """
@@ -101,8 +104,9 @@ async def notify_loop(
     env: Mapping[str, str] = os.environ,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Send ``READY=1`` once ``ready`` is set, then ``WATCHDOG=1`` while healthy, until
-    cancelled. Returns at once when ``NOTIFY_SOCKET`` is unset."""
+    """Send ``READY=1`` once ``ready`` (every task started) is set, then ``WATCHDOG=1``
+    while no task is dead or stuck, until cancelled. Returns at once when
+    ``NOTIFY_SOCKET`` is unset."""
     address = _address(env)
     if address is None:
         task_status.started()
@@ -115,14 +119,15 @@ async def notify_loop(
         n.send("READY=1")
         log.info(
             "told systemd READY=1%s",
-            f"; watchdog every {interval:g}s while ready" if interval else "",
+            f"; watchdog every {interval:g}s while no task is dead or stuck" if interval else "",
         )
         status = ""
         while True:
-            reasons = health.reasons()
-            if not reasons and interval is not None:
+            if interval is not None and not health.liveness_problems():
                 n.send("WATCHDOG=1")
+            reasons = health.reasons()
             new_status = "listo" if not reasons else "no listo: " + "; ".join(reasons)
+            new_status = " ".join(new_status.split())  # one line, whatever a reason holds
             if new_status != status:
                 status = new_status
                 n.send("STATUS=" + status[:MAX_STATUS_CHARS])

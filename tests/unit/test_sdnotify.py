@@ -133,3 +133,40 @@ def test_watchdog_interval() -> None:
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "100", "WATCHDOG_PID": "1"}) is None
     mine = {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
     assert sdnotify.watchdog_interval(mine) == 1.0
+
+
+async def test_watchdog_ignores_outages_but_stops_for_a_stuck_sink(tmp_path: Path) -> None:
+    """WATCHDOG=1 is about the bridge itself: a broker outage or a sink retrying against a
+    dead backend never withholds it; a sink with work and no attempt at all does."""
+    path = str(tmp_path / "w.sock")
+    health, ready = Health(stall_timeout=0.3), trio.Event()
+    health.require("mqtt")
+    health.set("mqtt", False, "connection refused")  # the broker is down from the start
+    ready.set()
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}
+    with trio.fail_after(20), await bound(path) as sock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: sdnotify.notify_loop(health, ready, env=env))
+            got = await recv_all(sock, 0.4)
+            assert got[0] == "READY=1"
+            assert "STATUS=no listo: mqtt: connection refused" in got
+            assert got.count("WATCHDOG=1") >= 4
+
+            health.progress("backend", 5)  # work pending; the backend is down, the sink retries
+            for _ in range(8):
+                await trio.sleep(0.1)
+                health.attempted("backend")
+            got = await recv_all(sock, 0.05)
+            assert got.count("WATCHDOG=1") >= 5
+            assert any("backend: stalled" in m for m in got)  # /readyz and STATUS= say so
+
+            # no more attempts: the sink is stuck, a restart is what helps now
+            await trio.sleep(0.4)
+            await recv_all(sock, 0.05)
+            got = await recv_all(sock, 0.4)
+            assert "WATCHDOG=1" not in got
+
+            health.progress("backend", 0)  # it moves again
+            got = await recv_all(sock, 0.3)
+            assert got.count("WATCHDOG=1") >= 2
+            nursery.cancel_scope.cancel()
