@@ -166,6 +166,16 @@ _ENV: Final[dict[str, tuple[str, str, str]]] = {
 }
 
 SECRET_KEYS: Final = frozenset({"password", "token"})
+# systemd LoadCredential= names -> (section, key): read from $CREDENTIALS_DIRECTORY/<name>
+# when the key is still empty after the file, its *_file key and the environment.
+CREDENTIALS: Final[dict[str, tuple[str, str]]] = {
+    "mqtt_password": ("mqtt", "password"),
+    "backend_token": ("backend", "token"),
+    "whatsapp_token": ("whatsapp", "token"),
+    "whatsapp_app_secret": ("whatsapp", "app_secret"),
+    "whatsapp_verify_token": ("whatsapp", "verify_token"),
+    "status_token": ("status", "token"),
+}
 
 
 def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
@@ -222,7 +232,24 @@ def from_mapping(
         settings = msgspec.convert(data | {"source": source}, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise _translate(exc, source) from exc
-    return _finish(settings, source)
+    return _finish(_credentials(settings, env, source), source)
+
+
+def _credentials(s: Settings, env: Mapping[str, str], source: str) -> Settings:
+    """Fill empty secrets from systemd's ``LoadCredential=`` files, if any."""
+    directory = env.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        return s
+    for name, (section, key) in CREDENTIALS.items():
+        sect = getattr(s, section)
+        if key not in sect.__struct_fields__ or getattr(sect, key):
+            continue
+        path = Path(directory) / name
+        if path.is_file():
+            value = _read_secret(str(path), source, f"credential {name}")
+            sect = msgspec.structs.replace(sect, **{key: value})
+            s = msgspec.structs.replace(s, **{section: sect})
+    return s
 
 
 def _parse_env(value: str, kind: str) -> Any:
