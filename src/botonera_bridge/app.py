@@ -25,7 +25,7 @@ from . import USER_AGENT, texts
 from .alarms import AlarmBook
 from .backoff import delays
 from .commands import CommandContext, escalation_loop, handle
-from .config import Settings
+from .config import Live, Settings
 from .errors import MqttError
 from .health import Health
 from .messages import Event, now_rfc3339
@@ -36,6 +36,7 @@ from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis
 from .queues.streams import DurableStream
+from .reload import reload
 from .router import Router
 from .sdnotify import notify_loop, stopping
 from .sinks.backend import BackendSink
@@ -394,10 +395,22 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             publish=bridge.publish,
             emit=bridge.outbox.emit,
         )
+        live = Live(s)
+
+        def on_reload(new: Settings) -> None:  # SIGHUP: what applies at once, see reload.py
+            bridge.settings = ctx.settings = new
+            bridge.router.reconfigure(new)
+            wa_sink.reconfigure(new)
+            bridge.book.after, bridge.book.max = new.escalation.after, new.escalation.max
+            reconfigure_sender = getattr(sender, "reconfigure", None)
+            if reconfigure_sender is not None:
+                reconfigure_sender(new.whatsapp)
+
+        live.subscribe(on_reload)
         async with trio.open_nursery() as nursery:
             intake = trio.CancelScope()
             nursery.start_soon(
-                _shutdown_on_signal, nursery.cancel_scope, intake, bridge, s.shutdown_grace
+                _shutdown_on_signal, nursery.cancel_scope, intake, bridge, s.shutdown_grace, live
             )
             await nursery.start(bridge.link.run)
             await bridge.alarms.load()
@@ -478,10 +491,18 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
 
 
 async def _shutdown_on_signal(
-    everything: trio.CancelScope, intake: trio.CancelScope, bridge: Bridge, grace: float
+    everything: trio.CancelScope,
+    intake: trio.CancelScope,
+    bridge: Bridge,
+    grace: float,
+    live: Live,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: reloading the configuration")
+                reload(live, bridge.metrics)
+                continue
             log.info(
                 "%s received: stopping intake, draining for up to %.0fs",
                 signal.Signals(signum).name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -72,6 +73,9 @@ def run(
     ] = True,
 ) -> None:
     """Run the bridge (the daemon)."""
+    # SIGHUP's default action ends the process: ignore it until the bridge's own handler
+    # (a config reload) is installed, so an early `systemctl reload` cannot kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _load(config)
     log_mod.setup(settings.log.level, settings.log.format)
     import trio

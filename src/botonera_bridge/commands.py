@@ -93,7 +93,7 @@ class DeviceLike(Protocol):
     def last_seen(self) -> float: ...  # wall seconds
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)  # not frozen: a reload (SIGHUP) swaps ``settings``
 class CommandContext:
     """What commands and escalations may touch; built once in ``app.run``."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -375,3 +375,56 @@ def masked(settings: Settings) -> dict[str, Any]:
 
     out: dict[str, Any] = walk(data)
     return out
+
+
+# Reload (SIGHUP): what a running bridge can take at once, and what needs a restart.
+# Sections/keys opened once at start (connections, listeners, pools, the log handler)
+# keep their running value when a reload changes them; the rest applies at once.
+RESTART_SECTIONS: Final = ("mqtt", "backend", "redis", "websocket", "heartbeat", "status")
+LIVE_WHATSAPP_KEYS: Final = frozenset({"template", "language"})
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose new value only a restart can apply."""
+    out = []
+    for section in RESTART_SECTIONS:
+        a = msgspec.to_builtins(getattr(old, section))
+        b = msgspec.to_builtins(getattr(new, section))
+        out += [f"{section}.{k}" for k in a if a[k] != b.get(k)]
+    a, b = msgspec.to_builtins(old.whatsapp), msgspec.to_builtins(new.whatsapp)
+    out += [f"whatsapp.{k}" for k in a if a[k] != b.get(k) and k not in LIVE_WHATSAPP_KEYS]
+    if old.log.format != new.log.format:
+        out.append("log.format")
+    return out
+
+
+def merge_reload(old: Settings, new: Settings) -> Settings:
+    """``new`` with every restart-only value kept at ``old``'s."""
+    wa = msgspec.structs.replace(
+        old.whatsapp, **{k: getattr(new.whatsapp, k) for k in LIVE_WHATSAPP_KEYS}
+    )
+    kept = {section: getattr(old, section) for section in RESTART_SECTIONS}
+    log_settings = msgspec.structs.replace(new.log, format=old.log.format)
+    return msgspec.structs.replace(new, whatsapp=wa, log=log_settings, **kept)
+
+
+class Live:
+    """The running configuration: read ``current`` at use time. :meth:`swap` replaces it
+    whole (Settings are frozen, so a reader never sees half a reload) and tells every
+    subscriber, in the order they subscribed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._current = settings
+        self._subscribers: list[Callable[[Settings], None]] = []
+
+    @property
+    def current(self) -> Settings:
+        return self._current
+
+    def subscribe(self, fn: Callable[[Settings], None]) -> None:
+        self._subscribers.append(fn)
+
+    def swap(self, new: Settings) -> None:
+        self._current = new
+        for fn in self._subscribers:
+            fn(new)

@@ -55,6 +55,14 @@ class Metrics:
         self.whatsapp_sent = Counter(
             "botonera_whatsapp_sent", "WhatsApp messages sent", ["kind"], registry=r
         )
+        self.config_reloads = Counter(
+            "botonera_config_reloads",
+            "SIGHUP config reloads (applied, refused: invalid file, failed: while applying)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("applied", "refused", "failed"):
+            self.config_reloads.labels(result=result)
         for tipo in ("semaforos", "alarmas", "estado", "configuracion", "heartbeat"):
             self.received.labels(tipo=tipo)
         for sink in SINKS:

@@ -53,6 +53,11 @@ class Router:
         self._known = {e.id for e in settings.empresas}
         self._max_payload = settings.mqtt.max_payload
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Reload (SIGHUP): empresas added or removed count from the next message on."""
+        self.settings = settings
+        self._known = {e.id for e in settings.empresas}
+
     async def run(
         self,
         recv: trio.MemoryReceiveChannel[MqttMessage],

@@ -206,6 +206,12 @@ class CloudSender:
         base = settings.api_url.rstrip("/")
         self.url = f"{base}/{settings.api_version}/{settings.phone_number_id}/messages"
 
+    def reconfigure(self, settings: WhatsappSettings) -> None:
+        """Reload (SIGHUP): a new template or language applies to the next message."""
+        self._settings = msgspec.structs.replace(
+            self._settings, template=settings.template, language=settings.language
+        )
+
     def body(
         self, number: str, text: str, template_params: tuple[str, str, str] | None
     ) -> dict[str, Any]:

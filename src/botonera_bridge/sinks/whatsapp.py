@@ -189,6 +189,11 @@ class WhatsAppSink:
         self._acks: trio.MemorySendChannel[_AckJob] | None = None
         self._running = trio.Event()
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Reload (SIGHUP): recipients (contactos, central) and names from the next
+        notice on; rate limits and windows keep their running values."""
+        self._settings = settings
+
     def _stopped(self) -> None:
         """run() ended: forget what was in flight (still pending in the outbox)."""
         self._nursery = self._acks = None
