@@ -27,20 +27,34 @@ EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 T = TypeVar("T")
 
+TIPOS: Final = ("semaforos", "alarmas", "estado", "configuracion", "heartbeat")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="botonera-bridge: MQTT panic-button panels to the alert backend and WhatsApp.",
+    pretty_exceptions_enable=False,  # a failure is one line (main), never a rich traceback
+    help="botonera-bridge: botoneras (MQTT) al backend de alertas y a WhatsApp.\n\n"
+    "Ejemplo: botonera-bridge check-config --config /etc/botonera-bridge/botonera-bridge.toml",
 )
-dead_app = typer.Typer(no_args_is_help=True, help="Inspect and replay dead letters.")
-alerts_app = typer.Typer(no_args_is_help=True, help="Query the backend's stored alerts.")
+dead_app = typer.Typer(
+    no_args_is_help=True,
+    help="Ver y reinyectar dead letters.\n\nEjemplo: botonera-bridge dead-letters list --limit 5",
+)
+alerts_app = typer.Typer(
+    no_args_is_help=True,
+    help="Consultar las alertas guardadas en el backend.\n\n"
+    "Ejemplo: botonera-bridge alerts list --empresa cota",
+)
 app.add_typer(dead_app, name="dead-letters")
 app.add_typer(alerts_app, name="alerts")
 
 ConfigOpt = Annotated[
     str | None,
     typer.Option(
-        "--config", "-c", help="TOML file (else $BOTONERA_CONFIG, else ./botonera-bridge.toml)"
+        "--config",
+        "-c",
+        metavar="ARCHIVO",
+        help="archivo TOML (si no, $BOTONERA_CONFIG, si no, ./botonera-bridge.toml)",
     ),
 ]
 log = logging.getLogger("botonera_bridge.cli")
@@ -50,7 +64,7 @@ def _load(config: str | None) -> Settings:
     try:
         return config_mod.load(config)
     except ConfigError as exc:
-        typer.echo(f"config error: {exc}", err=True)
+        typer.echo(f"error de configuración: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from exc
 
 
@@ -60,19 +74,25 @@ def _trio_run(fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return trio.run(fn)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("interrumpido", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command()
 def run(
     config: ConfigOpt = None,
-    mqtt: Annotated[bool, typer.Option("--mqtt/--no-mqtt", help="read panels from MQTT")] = True,
+    mqtt: Annotated[
+        bool, typer.Option("--mqtt/--no-mqtt", help="leer las botoneras por MQTT")
+    ] = True,
     websocket: Annotated[
-        bool, typer.Option("--websocket/--no-websocket", help="read WhatsApp replies")
+        bool,
+        typer.Option("--websocket/--no-websocket", help="leer las respuestas de WhatsApp"),
     ] = True,
 ) -> None:
-    """Run the bridge (the daemon)."""
+    """Correr el puente (el servicio).
+
+    Ejemplo: botonera-bridge run --config /etc/botonera-bridge/botonera-bridge.toml
+    """
     # SIGHUP's default action ends the process: ignore it until the bridge's own handler
     # (a config reload) is installed, so an early `systemctl reload` cannot kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -96,32 +116,70 @@ def run(
 def check_config(
     config: ConfigOpt = None,
     offline: Annotated[
-        bool, typer.Option("--offline", help="only validate, contact nothing")
+        bool, typer.Option("--offline", help="solo validar, sin contactar a nadie")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="un informe JSON legible por scripts")
     ] = False,
 ) -> None:
-    """Validate and print the effective config (secrets masked); then try every server."""
-    settings = _load(config)
+    """Validar la configuración y probar broker, Redis, backend, gateway y WhatsApp.
+
+    Muestra la configuración efectiva (secretos enmascarados) y una línea ✓/✗ por
+    servidor, con la causa de cada falla.
+
+    Salida: 0 todo bien, 1 falló una prueba, 2 configuración inválida.
+
+    Ejemplo: botonera-bridge check-config --offline --config botonera-bridge.toml
+    """
+    try:
+        settings = config_mod.load(config)
+    except ConfigError as exc:
+        if as_json:
+            report = {"ok": False, "error": str(exc), "key": exc.key, "checks": []}
+            typer.echo(json.dumps(report, ensure_ascii=False))
+        else:
+            typer.echo(f"error de configuración: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
+    results: list[tuple[bool, str, str]] = []
+    if not offline:
+        from .checks import run_checks
+
+        results = _trio_run(lambda: run_checks(settings))
+    ok = all(r[0] for r in results)
+    if as_json:
+        report = {
+            "ok": ok,
+            "source": settings.source,
+            "config": config_mod.masked(settings),
+            "checks": [{"ok": r[0], "name": r[1], "detail": r[2]} for r in results],
+        }
+        typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        raise typer.Exit(EXIT_OK if ok else EXIT_FAIL)
     typer.echo(f"# configuración efectiva ({settings.source})")
     typer.echo(json.dumps(config_mod.masked(settings), indent=2, ensure_ascii=False))
     if offline:
         typer.echo("✓ configuración válida")
         raise typer.Exit(EXIT_OK)
-    from .checks import run_checks
-
-    results = _trio_run(lambda: run_checks(settings))
-    for ok, name, detail in results:
-        typer.echo(f"{'✓' if ok else '✗'} {name}: {detail}")
-    raise typer.Exit(EXIT_OK if all(ok for ok, _, _ in results) else EXIT_FAIL)
+    for r_ok, name, detail in results:
+        typer.echo(f"{'✓' if r_ok else '✗'} {name}: {detail}")
+    raise typer.Exit(EXIT_OK if ok else EXIT_FAIL)
 
 
 @app.command("send-test")
 def send_test(
-    empresa: Annotated[str, typer.Option(help="empresa id, e.g. cota")],
+    empresa: Annotated[str, typer.Option(help="id de la empresa, p. ej. cota")],
     config: ConfigOpt = None,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the receipt")] = 30.0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing on success")] = False,
+    timeout: Annotated[float, typer.Option(help="segundos de espera del recibo")] = 30.0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no imprimir nada si sale bien")
+    ] = False,
 ) -> None:
-    """Publish a test alarm and wait until every sink confirmed it (for cron)."""
+    """Publicar una alarma de prueba y esperar su recibo (para cron).
+
+    Salida 0 si backend y WhatsApp la confirmaron; 1 con la etapa que falló.
+
+    Ejemplo: botonera-bridge send-test --empresa cota --quiet
+    """
     settings = _load(config)
     try:
         emp = normalize_id(empresa)
@@ -132,7 +190,7 @@ def send_test(
 
     ok, message = _trio_run(lambda: do_send_test(settings, emp, timeout))
     if not ok:
-        typer.echo(f"send-test FAILED: {message}", err=True)
+        typer.echo(f"send-test FALLÓ: {message}", err=True)
         raise typer.Exit(EXIT_FAIL)
     if not quiet:
         typer.echo(f"send-test OK: {message}")
@@ -140,17 +198,23 @@ def send_test(
 
 @app.command()
 def publish(
-    tipo: Annotated[str, typer.Option(help="tipo_mensaje")],
-    empresa: Annotated[str, typer.Option(help="empresa id")] = "",
+    tipo: Annotated[str, typer.Option(help="tipo_mensaje: " + ", ".join(TIPOS))],
+    empresa: Annotated[str, typer.Option(help="id de la empresa")] = "",
     sede: Annotated[str, typer.Option(help="sede")] = "",
     campo: Annotated[
         list[str] | None,
-        typer.Option(help="extra field k=v (repeatable; v parsed as JSON if it can)"),
+        typer.Option(help="campo extra k=v (repetible; v se lee como JSON si se puede)"),
     ] = None,
-    topic: Annotated[str, typer.Option(help="topic (default: the first mqtt.topics)")] = "",
+    topic: Annotated[str, typer.Option(help="topic (por defecto el primero de mqtt.topics)")] = "",
     config: ConfigOpt = None,
 ) -> None:
-    """Publish one message, like a botonera would (QoS 1)."""
+    """Publicar un mensaje como lo haría una botonera (QoS 1).
+
+    Ejemplo: botonera-bridge publish --tipo alarmas --empresa cota --campo tipo_alarma=CRITICA
+    """
+    if tipo not in TIPOS:
+        typer.echo(f"error: --tipo {tipo!r} no existe; use uno de: {', '.join(TIPOS)}", err=True)
+        raise typer.Exit(EXIT_USAGE)
     settings = _load(config)
     body: dict[str, Any] = {"tipo_mensaje": tipo}
     if empresa:
@@ -160,7 +224,7 @@ def publish(
     for item in campo or []:
         k, sep, v = item.partition("=")
         if not sep or not k:
-            typer.echo(f"error: --campo expects k=v, got {item!r}", err=True)
+            typer.echo(f"error: --campo espera k=v, no {item!r}", err=True)
             raise typer.Exit(EXIT_USAGE)
         try:
             body[k] = json.loads(v)
@@ -180,10 +244,13 @@ def publish(
 @dead_app.command("list")
 def dead_list(
     config: ConfigOpt = None,
-    limit: Annotated[int, typer.Option(help="newest N entries")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+    limit: Annotated[int, typer.Option(help="las N más recientes")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="una línea JSON por entrada")] = False,
 ) -> None:
-    """List dead letters, newest first."""
+    """Listar dead letters, la más reciente primero.
+
+    Ejemplo: botonera-bridge dead-letters list --limit 5 --json
+    """
     settings = _load(config)
     from .deadletters import list_dead
 
@@ -208,13 +275,16 @@ def dead_list(
 
 @dead_app.command("replay")
 def dead_replay(
-    entry_id: Annotated[str | None, typer.Argument(help="dead-letter id")] = None,
-    replay_all: Annotated[bool, typer.Option("--all", help="replay every entry")] = False,
+    entry_id: Annotated[str | None, typer.Argument(help="id de la dead letter")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="reinyectar todas")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Re-inject dead letters into the outbox (they are removed once re-queued)."""
+    """Reinyectar dead letters en el outbox (se borran una vez en cola).
+
+    Ejemplo: botonera-bridge dead-letters replay 1700000000000-0
+    """
     if not entry_id and not replay_all:
-        typer.echo("error: give an ID or --all", err=True)
+        typer.echo("error: indique un ID o --all", err=True)
         raise typer.Exit(EXIT_USAGE)
     settings = _load(config)
     from .deadletters import replay
@@ -244,13 +314,13 @@ def _backend_get(settings: Settings, path: str, params: dict[str, Any] | None = 
     try:
         resp = httpx.get(url, params=params, headers=headers, timeout=settings.backend.timeout)
     except httpx.HTTPError as exc:
-        typer.echo(f"error: cannot reach the backend at {url}: {exc}", err=True)
+        typer.echo(f"error: no se pudo contactar el backend en {url}: {exc}", err=True)
         raise typer.Exit(EXIT_FAIL) from exc
     if resp.status_code == 404:
         typer.echo("no encontrado", err=True)
         raise typer.Exit(EXIT_FAIL)
     if resp.status_code >= 400:
-        typer.echo(f"error: backend answered {resp.status_code}: {resp.text[:300]}", err=True)
+        typer.echo(f"error: el backend respondió {resp.status_code}: {resp.text[:300]}", err=True)
         raise typer.Exit(EXIT_FAIL)
     return resp.json()
 
@@ -258,11 +328,14 @@ def _backend_get(settings: Settings, path: str, params: dict[str, Any] | None = 
 @alerts_app.command("list")
 def alerts_list(
     config: ConfigOpt = None,
-    limit: Annotated[int, typer.Option(help="newest N alerts")] = 20,
-    empresa: Annotated[str, typer.Option(help="only this empresa")] = "",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[int, typer.Option(help="las N más recientes")] = 20,
+    empresa: Annotated[str, typer.Option(help="solo esta empresa")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON")] = False,
 ) -> None:
-    """List the alerts the backend stored."""
+    """Listar las alertas que guardó el backend.
+
+    Ejemplo: botonera-bridge alerts list --empresa cota --limit 10
+    """
     settings = _load(config)
     params: dict[str, Any] = {"limit": limit}
     if empresa:
@@ -281,9 +354,12 @@ def alerts_list(
 
 @alerts_app.command("show")
 def alerts_show(
-    alert_id: Annotated[str, typer.Argument(help="alert id")], config: ConfigOpt = None
+    alert_id: Annotated[str, typer.Argument(help="id de la alerta")], config: ConfigOpt = None
 ) -> None:
-    """Show one stored alert."""
+    """Mostrar una alerta guardada.
+
+    Ejemplo: botonera-bridge alerts show 42
+    """
     settings = _load(config)
     typer.echo(
         json.dumps(
@@ -292,10 +368,35 @@ def alerts_show(
     )
 
 
+def _version_text() -> str:
+    return f"botonera-bridge {__version__} (Python {sys.version.split()[0]})"
+
+
 @app.command()
 def version() -> None:
-    """Print the version."""
-    typer.echo(f"botonera-bridge {__version__} (Python {sys.version.split()[0]})")
+    """Mostrar la versión (también: --version).
+
+    Ejemplo: botonera-bridge version
+    """
+    typer.echo(_version_text())
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_version_text())
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="mostrar la versión y salir"
+        ),
+    ] = False,
+) -> None:
+    """botonera-bridge: botoneras (MQTT) al backend de alertas y a WhatsApp."""
 
 
 def send_test_identity(empresa: str) -> tuple[dict[str, Any], str]:
@@ -343,14 +444,41 @@ def _daemon_args(argv: list[str]) -> tuple[str | None, bool, bool] | None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    code = EXIT_OK
     try:
         daemon = _daemon_args(sys.argv[1:])
         if daemon is not None:
             try:
                 run(*daemon)
             except typer.Exit as exc:
-                sys.exit(exc.exit_code)
-            return
-        app()
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
+                code = exc.exit_code
+        else:
+            # A command reports a broker failure in its one line (checks.cause); the
+            # client's reconnect warnings, meant for the daemon's log, would repeat it.
+            logging.getLogger("botonera_bridge.mqtt").setLevel(logging.CRITICAL)
+            app()
+    # One line and an exit code, whatever a command or a task group raised: exception
+    # groups (trio nurseries) are unwrapped here, at the top, and nowhere else.
+    except* KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except* ConfigError as group:
+        typer.echo(f"error de configuración: {_first(group)}", err=True)
+        code = EXIT_USAGE
+    except* (BridgeError, OSError) as group:
+        typer.echo(f"error: {_first(group)}", err=True)
+        code = EXIT_FAIL
+    sys.exit(code)
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return leaves[0]

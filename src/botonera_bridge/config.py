@@ -322,6 +322,7 @@ def _finish(s: Settings, source: str) -> Settings:
         raise ConfigError("log.format must be text or json", source=source, key="log.format")
     if s.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"unknown log.level {s.log.level!r}", source=source, key="log.level")
+    _check_values(s, source)
     if s.status.listen and not re.match(r"^.+:\d+$", s.status.listen):
         raise ConfigError("status.listen must be host:port", source=source, key="status.listen")
     from .ids import IdentifierError, normalize_id  # local: ids imports nothing from here
@@ -348,6 +349,57 @@ def _finish(s: Settings, source: str) -> Settings:
         empresas=tuple(empresas.values()),
         log=msgspec.structs.replace(s.log, level=s.log.level.upper()),
     )
+
+
+# URL keys -> the schemes that can work; an empty value disables where that is allowed
+_URL_SCHEMES: Final = (
+    ("websocket", "url", ("ws", "wss"), True),
+    ("redis", "url", ("redis", "rediss", "unix"), True),
+    ("backend", "url", ("http", "https"), False),
+    ("whatsapp", "api_url", ("http", "https"), True),
+)
+# duration/number keys that must be > 0 (strictly) or >= 0
+_POSITIVE: Final = (
+    "mqtt.keepalive", "mqtt.max_payload", "backend.timeout", "backend.retry_max_delay",
+    "backend.concurrency", "redis.memory_limit", "redis.reclaim_idle",
+    "websocket.reconnect_delay", "whatsapp.max_per_second", "whatsapp.timeout",
+    "heartbeat.timeout", "heartbeat.stall_timeout", "escalation.after",
+)  # fmt: skip
+_NON_NEGATIVE: Final = (
+    "backend.verify_ttl", "whatsapp.min_interval", "whatsapp.dedup_window",
+    "escalation.max", "shutdown_grace",
+)  # fmt: skip
+
+
+def _check_values(s: Settings, source: str) -> None:
+    """Values that parse but cannot work fail here, at load (exit 2), naming the key,
+    rather than as a traceback once the bridge runs."""
+    for section, key, schemes, may_be_empty in _URL_SCHEMES:
+        value = getattr(getattr(s, section), key)
+        if not value and may_be_empty:
+            continue
+        scheme = value.partition("://")[0].lower() if "://" in value else ""
+        if scheme not in schemes:
+            allowed = " or ".join(f"{x}://" for x in schemes)
+            raise ConfigError(
+                f"{section}.{key} must start with {allowed}"
+                + (" (or be empty to disable it)" if may_be_empty else "")
+                + f", not {value.split('://')[0] + '://' if scheme else repr(value[:40])}",
+                source=source,
+                key=f"{section}.{key}",
+            )
+    if not 0 < s.mqtt.port < 65536:
+        raise ConfigError("mqtt.port must be 1-65535", source=source, key="mqtt.port")
+    for dotted, strict in [(k, True) for k in _POSITIVE] + [(k, False) for k in _NON_NEGATIVE]:
+        node: Any = s
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        if node != node or (node <= 0 if strict else node < 0):  # NaN is never valid
+            raise ConfigError(
+                f"{dotted} must be {'> 0' if strict else '>= 0'}, not {node!r}",
+                source=source,
+                key=dotted,
+            )
 
 
 def _check_phone(number: str, source: str, key: str) -> None:
