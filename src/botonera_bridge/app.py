@@ -77,6 +77,7 @@ class Bridge:
         s = self.settings = settings
         prefix = s.redis.prefix
         self.metrics = Metrics()
+        self.metrics.memory_fallback_limit.set(s.redis.memory_limit)
         self.health = Health(s.heartbeat.stall_timeout)
         self.link = RedisLink(redis, metrics=self.metrics, health=self.health)
         hashes = RedisHashes(self.link) if redis is not None else None
@@ -252,6 +253,16 @@ class Bridge:
             out[g] = row
         return out
 
+    def _open_alarm_gauges(self) -> None:
+        """botonera_open_alarms{empresa_bucket}: bounded labels (configured empresas and
+        one shared bucket), from the board's own bounded snapshot, once a second."""
+        configured = {e.id for e in self.settings.empresas}
+        counts = dict.fromkeys([*configured, "sin_configurar"], 0)
+        for empresa, alarms in self.book.snapshot().items():
+            counts[_bucket(empresa, configured)] += sum(1 for a in alarms if a["acuse"] is None)
+        for bucket, n in counts.items():
+            self.metrics.open_alarms.labels(empresa_bucket=bucket).set(n)
+
     async def gauges(self) -> None:
         """Refresh queue depths once a second, and from them each sink's stall report:
         one place, the outbox's own counters, for both sinks."""
@@ -284,7 +295,12 @@ class Bridge:
             self._depth["memory"] = self.outbox.stream.memory_items + self.inbox.memory_items
             for queue, n in self._depth.items():
                 self.metrics.queue_depth.labels(queue=queue).set(n)
+            self._open_alarm_gauges()
             await trio.sleep(1)
+
+
+def _bucket(empresa: str, configured: set[str]) -> str:
+    return empresa if empresa in configured else "sin_configurar"
 
 
 def _freeze_startup_objects() -> None:
@@ -394,6 +410,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             send=wa_sink.post,
             publish=bridge.publish,
             emit=bridge.outbox.emit,
+            metrics=bridge.metrics,
         )
         live = Live(s)
 

@@ -104,6 +104,7 @@ class CommandContext:
     publish: Callable[[str, bytes], Awaitable[None]]  # MQTT QoS 1 publish
     emit: Callable[[Event], Awaitable[None]]  # durable outbox append (→ backend)
     clock: Callable[[], float] = field(default=time.time)  # wall seconds, for "visto hace"
+    metrics: Metrics | None = None  # botonera_escalations_total
 
 
 # ---------------------------------------------------------------- incoming messages
@@ -428,6 +429,8 @@ async def escalate(ctx: CommandContext, now: float) -> int:
     """Send the reminders that fell due at ``now``; returns how many alarms were escalated."""
     due = ctx.book.due(now)
     total = ctx.book.max
+    if due and ctx.metrics is not None:
+        ctx.metrics.escalations.inc(len(due))
     async with trio.open_nursery() as nursery:  # one slow number must not delay the others
         for alarm in due:
             contacts = _contacts(ctx, alarm.empresa)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 import msgspec
@@ -28,10 +30,50 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(out).decode()
 
 
+# sd-daemon(3) priorities: journald reads a "<N>" prefix as the line's priority
+_PRIORITY: Final = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """Text lines with a ``<N>`` priority prefix (``journalctl -p warning`` works) and
+    no timestamp of their own: the journal stamps every line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 3 if record.levelno > logging.WARNING else 6)
+        text = super().format(record)
+        # a multi-line record (a traceback) keeps its priority on every line
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def on_journal(env: Mapping[str, str] = os.environ, stream: Any = None) -> bool:
+    """True when stderr is the journal's stream (``JOURNAL_STREAM`` names its device and
+    inode, as systemd sets it), not a file or pipe it was redirected to."""
+    value = env.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
+    elif on_journal():
+        handler.setFormatter(JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import sys
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+
+from . import __version__
 
 SINKS = ("backend", "whatsapp")
 
@@ -61,6 +75,24 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes…
+        Info("botonera_build", "Version of the running bridge", registry=r).info(
+            {"version": __version__, "python": sys.version.split()[0]}
+        )
+        self.open_alarms = Gauge(
+            "botonera_open_alarms",
+            "Unacknowledged alarms per empresa (unconfigured empresas share sin_configurar)",
+            ["empresa_bucket"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "botonera_escalations", "Alarms re-sent because nobody acknowledged them", registry=r
+        )
+        self.memory_fallback_limit = Gauge(
+            "botonera_memory_fallback_limit",
+            "Events the memory fallback holds before MQTT acknowledgements stop",
+            registry=r,
+        )
         for result in ("applied", "refused", "failed"):
             self.config_reloads.labels(result=result)
         for tipo in ("semaforos", "alarmas", "estado", "configuracion", "heartbeat"):
@@ -72,4 +104,19 @@ class Metrics:
             self.devices.labels(state=state)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        # Without the *_created series: they double the sample count and tell operators
+        # nothing a restart time does not. Filtered here, for this registry only, since
+        # prometheus_client's own switch (disable_created_metrics) is process-global.
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """A read-only view of a registry whose families omit ``*_created`` samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family

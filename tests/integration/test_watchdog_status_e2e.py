@@ -139,7 +139,9 @@ def test_systemd_notify(bridge_factory, mosquitto, tmp_path):
         wait_until(lambda: bridge.http("/readyz")[0] == 503, 10, "not ready")
         got.clear()
         collect(2.5)
-        assert not any("WATCHDOG=1" in t for _, t in got), got
+        # issue 11: a broker outage is reported (STATUS=, /readyz), never a reason for
+        # systemd to restart a healthy bridge: WATCHDOG=1 keeps coming
+        assert sum("WATCHDOG=1" in t for _, t in got) >= 3, got
         mosquitto.start()
         wait_until(lambda: bridge.http("/readyz")[0] == 200, 30, "ready again")
         got.clear()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import httpx
 
 log = logging.getLogger(__name__)
+_LOGGED_TIPOS: Final = frozenset({"alarmas", "semaforos"})
 
 PROCESS_PATH: Final = "/api/mqtt-alerts/process"
 VERIFY_PATH: Final = "/api/mqtt-alerts/verify-empresa-sede"
@@ -206,9 +207,16 @@ class BackendSink:
                 self._metrics.delivery_seconds.labels(sink="backend").observe(
                     max(0.0, (time.time_ns() - event.received_ns) / 1e9)
                 )
-        log.info(
+        # INFO for what people act on (alarms, semáforos, watchdog/acks); a panel's estado
+        # or configuracion every few seconds would wear out a Raspberry Pi's SD card
+        loud = event.tipo in _LOGGED_TIPOS or event.origen != "mqtt"
+        level = logging.INFO if loud else logging.DEBUG
+        log.log(
+            level,
             "delivered to backend: event=%s empresa=%s tipo=%s origen=%s attempts=%d",
             event.id, event.empresa or "-", event.tipo, event.origen, attempt,
+            extra={"event_id": event.id, "empresa": event.empresa, "tipo": event.tipo,
+                   "sink": "backend"},
         )  # fmt: skip
         return "ok"
 
