@@ -33,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # a failure is one line (main), never a rich traceback
+    rich_markup_mode=None,  # plain click help: rich and markdown-it cost ~0.2 s per start
     help="botonera-bridge: botoneras (MQTT) al backend de alertas y a WhatsApp.\n\n"
     "Ejemplo: botonera-bridge check-config --config /etc/botonera-bridge/botonera-bridge.toml",
 )
