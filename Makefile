@@ -50,6 +50,8 @@ pyz: $(STAMP)
 
 bench: $(STAMP)  ## throughput, latency, CPU and RSS against a naive baseline (writes bench/results/latest.md)
 	$(PY) bench/run.py
+	$(MAKE) pyz
+	$(PY) scripts/pyz_stats.py dist/botonera-bridge.pyz
 
 clean:
 	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache tests/artifacts
