@@ -21,7 +21,7 @@ $(STAMP): $(LOCK) pyproject.toml
 
 setup: $(STAMP)  ## create or update .venv from the lock (done by every target that needs it)
 
-lock:  ## re-resolve requirements.lock from pyproject.toml against PyPI (see README: dependencias)
+lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml against PyPI (see README: dependencias)
 	$(PY) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras \
 	    --no-emit-find-links --no-emit-index-url --extra dev \
 	    $(if $(UPGRADE),--upgrade-package '$(UPGRADE)') -o $(LOCK) pyproject.toml
