@@ -268,22 +268,8 @@ async def send_test(settings: Settings, empresa: str, wait_seconds: float) -> tu
     unreachable = f"broker unreachable ({settings.mqtt.broker}:{settings.mqtt.port})"
     receipt: dict[str, str] | None = None
     bridge_status = "unknown"
-    send, recv = trio.open_memory_channel[MqttMessage](16)
     try:
-        async with (
-            open_mqtt(
-                _cli_mqtt(settings),
-                client_id=_cli_client_id(settings, "test"),
-                clean_session=True,
-                status_topic=False,
-            ) as client,
-            trio.open_nursery() as n,
-        ):
-            with trio.move_on_after(CHECK_TIMEOUT) as connecting:
-                await n.start(client.run, send)
-            if connecting.cancelled_caught:
-                n.cancel_scope.cancel()
-                return False, unreachable
+        async with open_cli_mqtt(settings, "test", subscribe=True) as (client, recv):
             await client.subscribe(STATUS_TOPIC, 1)
             await client.subscribe(receipt_topic, 1)
             await client.publish(settings.mqtt.topics[0], msgspec.json.encode(body), qos=1)
@@ -295,9 +281,12 @@ async def send_test(settings: Settings, empresa: str, wait_seconds: float) -> tu
                     elif msg.topic == receipt_topic:
                         receipt = msgspec.json.decode(msg.payload)
                         break
-            n.cancel_scope.cancel()
-    except MqttError as exc:
-        return False, f"{unreachable}: {exc}"
+    except MqttError as exc:  # the cause: refused, unknown host, credentials, certificate
+        m = settings.mqtt
+        return (
+            False,
+            f"{unreachable}: {str(exc).removeprefix(f'broker MQTT {m.broker}:{m.port}: ')}",
+        )
     if receipt is None:
         if bridge_status != "online":
             why = f"bridge down (status {bridge_status!r})"
