@@ -16,7 +16,7 @@ from botonera_bridge.config import Settings, from_mapping
 from botonera_bridge.errors import PermanentDelivery, TransientDelivery
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.sinks.whatsapp import GATHER_DELAY, WhatsAppSink
+from botonera_bridge.sinks.whatsapp import GATHER_QUIET, WhatsAppSink
 from botonera_bridge.whatsapp_api import WhatsAppRejected
 
 A = "+573001112233"
@@ -183,19 +183,22 @@ def rel(h: Harness, calls: list[Call]) -> list[float]:
 
 async def test_six_seconds_between_messages_to_one_number(autojump_clock):
     async with running(settings()) as h:
-        for d in ("uno", "dos", "tres"):
-            h.delivery.put(alarm(desc=d))
+        h.delivery.put(alarm(desc="uno"))
+        await trio.sleep(1)
+        h.delivery.put(alarm(desc="dos"))  # waits for the slot at 6.3
+        await trio.sleep(7)
+        h.delivery.put(alarm(desc="tres"))  # t=8: next slot 12.3
         await until_done(h, 3)
-        assert rel(h, h.sender.calls) == [0.5, 6.5, 12.5]
+        assert rel(h, h.sender.calls) == [0.3, 6.3, 12.3]
         assert [c.text.split(": ")[1].split(" ·")[0] for c in h.sender.calls] == [
             "uno",
             "dos",
             "tres",
         ]
         assert [(a[1], round(a[2] - h.t0, 6)) for a in h.delivery.acked] == [
-            ("ok", 0.5),
-            ("ok", 6.5),
-            ("ok", 12.5),
+            ("ok", 0.3),
+            ("ok", 6.3),
+            ("ok", 12.3),
         ]
         assert h.metrics.delivered.labels(sink="whatsapp")._value.get() == 3
 
@@ -208,7 +211,7 @@ async def test_max_per_second_overall(autojump_clock):
             h.delivery.put(alarm(empresa=f"e{i}"))
         await until_done(h, 25)
         times = rel(h, h.sender.calls)
-        assert times == [0.5] * 10 + [1.5] * 10 + [2.5] * 5
+        assert times == [0.3] * 10 + [1.3] * 10 + [2.3] * 5
         assert sorted(c.to for c in h.sender.calls) == sorted(numbers)
 
 
@@ -220,20 +223,20 @@ async def test_burst_of_identical_alarms_becomes_one_message(autojump_clock):
         await until_done(h, 10)
         assert len(h.sender.calls) == 1
         call = h.sender.calls[0]
-        assert call.at - h.t0 == pytest.approx(GATHER_DELAY)
+        assert call.at - h.t0 == pytest.approx(0.09 + GATHER_QUIET)  # quiet after the last
         assert "(×10 en 1 min)" in call.text
         assert call.text.startswith("🚨 ALARMA CRITICA — Cota (sede principal): Fallo en sistema")
         assert {a[1] for a in h.delivery.acked} == {"ok"}
-        assert len(h.notified) == 1
+        assert len(h.notified) == 10  # every event the message carried
         await trio.sleep(120)  # the window ends with nothing to summarize
         assert len(h.sender.calls) == 1
 
 
 async def test_merge_while_queued_then_summary_after_window(autojump_clock):
     async with running(settings(dedup_window=60)) as h:
-        h.delivery.put(alarm(desc="otra"))  # occupies the number: sent at 0.5
+        h.delivery.put(alarm(desc="otra"))  # occupies the number: sent at 0.3
         await trio.sleep(1)
-        for _ in range(3):  # t=1,2,3: queued behind the 6 s spacing, merged
+        for _ in range(3):  # t=1,2,3: queued behind the 6 s spacing, counted
             h.delivery.put(alarm())
             await trio.sleep(1)
         await trio.sleep(10 - (trio.current_time() - h.t0))
@@ -241,13 +244,15 @@ async def test_merge_while_queued_then_summary_after_window(autojump_clock):
         await trio.sleep(10)
         late.append(h.delivery.put(alarm()))  # t=20
         await until_done(h, 7)
-        assert rel(h, h.sender.calls) == [0.5, 6.5, 61.0]
+        # the repeat window opens when the repeated alarm was sent (6.3) and lasts 60 s;
+        # its summary is a status notice (2 s gather): 68.3
+        assert rel(h, h.sender.calls) == [0.3, 6.3, 68.3]
         assert "(×3 en 1 min)" in h.sender.calls[1].text
         assert "se repitió 3 veces más" in h.sender.calls[2].text
         acked_at = {a[0]: round(a[2] - h.t0, 6) for a in h.delivery.acked}
-        assert all(acked_at[e.id] == 61.0 for e in late)
-        assert sorted(acked_at.values()).count(6.5) == 3
-        assert len(h.notified) == 2  # "otra" and the merged one, not the summary
+        assert all(acked_at[e.id] == 68.3 for e in late)
+        assert sorted(acked_at.values()).count(6.3) == 3
+        assert len(h.notified) == 4  # "otra" and the three merged ones, not the summary
 
 
 async def test_after_window_a_new_message_starts(autojump_clock):
@@ -256,7 +261,7 @@ async def test_after_window_a_new_message_starts(autojump_clock):
         await trio.sleep(61)
         h.delivery.put(alarm())
         await until_done(h, 2)
-        assert rel(h, h.sender.calls) == [0.5, 61.5]
+        assert rel(h, h.sender.calls) == [0.3, 61.3]
         assert all("×" not in c.text for c in h.sender.calls)
 
 
@@ -265,8 +270,10 @@ async def test_prueba_never_coalesces(autojump_clock):
         h.delivery.put(alarm(prueba=True))
         h.delivery.put(alarm(prueba=True))
         await until_done(h, 2)
-        assert rel(h, h.sender.calls) == [0.0, 6.0]
-        assert all(c.text.startswith("[PRUEBA]") for c in h.sender.calls)
+        (call,) = h.sender.calls  # one digest, two lines: never counted as repeats
+        assert call.text.startswith("[PRUEBA] 🚨 2 alertas — Cota\n")
+        assert call.text.count("[PRUEBA] 🚨 ALARMA CRITICA — sede principal") == 2
+        assert "×" not in call.text
         assert h.notified == []
 
 
@@ -275,8 +282,8 @@ async def test_transient_then_success_respects_retry_after(autojump_clock):
         h.sender.script[A] = [TransientDelivery("429", sink="whatsapp", retry_after=2.0)]
         h.delivery.put(alarm())
         await until_done(h, 1)
-        assert rel(h, h.sender.calls) == [0.5, 2.5]
-        assert round(h.delivery.acked[0][2] - h.t0, 6) == 2.5
+        assert rel(h, h.sender.calls) == [0.3, 2.3]
+        assert round(h.delivery.acked[0][2] - h.t0, 6) == 2.3
         assert h.metrics.retries.labels(sink="whatsapp")._value.get() == 1
 
 
@@ -326,15 +333,19 @@ async def test_slow_number_does_not_block_others(autojump_clock):
     async with running(s) as h:
         h.sender.always[A] = lambda: TransientDelivery("timeout", sink="whatsapp", retry_after=25)
         h.delivery.put(alarm(desc="uno"))
+        await trio.sleep(1)
         h.delivery.put(alarm(desc="dos"))
         h.delivery.put(alarm(empresa="funza"))
         await trio.sleep(20)
-        assert rel(h, h.sender.to(B)) == [0.5, 6.5]
-        assert rel(h, h.sender.to(C)) == [0.5]
+        assert rel(h, h.sender.to(B)) == [0.3, 6.3]
+        assert rel(h, h.sender.to(C)) == [1.3]
         assert [e[0] for e in h.delivery.acked] == ["m-3"]  # cota's wait for A
         h.sender.always.clear()
         await until_done(h, 3)
-        assert rel(h, h.sender.to(A)) == [0.5, 25.5, 31.5]
+        # A's failed first message is retried with "dos" folded in: one digest
+        assert rel(h, h.sender.to(A)) == [0.3, 25.3]
+        assert "uno" in h.sender.to(A)[1].text
+        assert "dos" in h.sender.to(A)[1].text
 
 
 async def test_recipients_central_skipped_and_silent_tipos(autojump_clock):
@@ -359,8 +370,10 @@ async def test_recipients_central_skipped_and_silent_tipos(autojump_clock):
             "skipped",
             "ok",
         ]
-        assert rel(h, h.sender.to(CENTRAL)) == [0.5, 6.5]
-        assert "empresa «chia» (no configurada)" in h.sender.to(CENTRAL)[0].text
+        (digest,) = h.sender.to(CENTRAL)  # the two central alarms share one message
+        assert round(digest.at - h.t0, 6) == 0.3
+        assert "empresa «chia» (no configurada)" in digest.text
+        assert "empresa sin identificar" in digest.text
         assert h.sender.to(A)[0].text.startswith("📴 PANEL SIN CONEXIÓN — Cota")
         assert len(h.notified) == 2  # alarms only, not the offline event
 
@@ -370,8 +383,8 @@ async def test_send_now_shares_spacing_and_raises_when_all_refuse(autojump_clock
         h.delivery.put(alarm())
         await trio.sleep(1)
         await h.sink.send_now([A, B, A], "Alarma atendida por +57******4455")
-        assert rel(h, h.sender.to(B)) == [1.0]
-        assert rel(h, h.sender.to(A)) == [0.5, 6.5]
+        assert rel(h, h.sender.to(B)) == [1.3]
+        assert rel(h, h.sender.to(A)) == [0.3, 6.3]
         h.sender.always[C] = lambda: WhatsAppRejected("code 131047", code="131047")
         with pytest.raises(PermanentDelivery):
             await h.sink.send_now([C], "hola")
