@@ -17,7 +17,7 @@ from botonera_bridge.errors import PermanentDelivery, TransientDelivery
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.sinks.whatsapp import GATHER_QUIET, WhatsAppSink
-from botonera_bridge.whatsapp_api import WhatsAppRejected
+from botonera_bridge.whatsapp_api import WhatsAppRejected, WhatsAppThrottled
 
 A = "+573001112233"
 B = "+573004445566"
@@ -93,7 +93,7 @@ class RecordingSender:
 
     async def send_text(
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
-    ) -> None:
+    ) -> str | None:
         await trio.lowlevel.checkpoint()
         self.calls.append(Call(trio.current_time(), to, text, template_params))
         if to in self.always:
@@ -101,6 +101,7 @@ class RecordingSender:
         pending = self.script.get(to)
         if pending:
             raise pending.pop(0)
+        return None
 
     def to(self, number: str) -> list[Call]:
         return [c for c in self.calls if c.to == number]
@@ -416,3 +417,229 @@ async def test_entries_in_flight_are_bounded(autojump_clock):
         await until_done(h, 10)
         assert h.delivery.read_total == 10
         assert h.sink.statistics().in_flight == 0
+
+
+# -- per-number digests (issue 10) -------------------------------------------
+
+
+def offline(dispositivo: str, *, origen: str = "watchdog", sede: str = "principal") -> Event:
+    return alarm(
+        tipo="estado",
+        origen=origen,
+        sede=sede,
+        dispositivo=dispositivo,
+        detail={"status": "offline"},
+    )
+
+
+def semaforo_event(colour: str, **kw: Any) -> Event:
+    return alarm(tipo="semaforos", detail={"tipo_alarma": colour}, **kw)
+
+
+class PairRateSender(RecordingSender):
+    """Answers 131056 like Meta when one number gets two messages within ``pair`` seconds."""
+
+    def __init__(self, pair: float) -> None:
+        super().__init__()
+        self.pair = pair
+        self.last: dict[str, float] = {}
+        self.throttled = 0
+
+    async def send_text(
+        self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
+    ) -> str:
+        await super().send_text(to, text, template_params=template_params)
+        now = trio.current_time()
+        if now - self.last.get(to, -math.inf) < self.pair:
+            self.throttled += 1
+            raise WhatsAppThrottled("cloud HTTP 429 code 131056", code="131056", status=429)
+        self.last[to] = now
+        return f"wamid.{len(self.calls)}"
+
+
+@asynccontextmanager
+async def running_with(s: Settings, sender: RecordingSender, **kw: Any) -> AsyncIterator[Harness]:
+    delivery = FakeDelivery()
+    notified: list[Event] = []
+    metrics = Metrics()
+    sink = WhatsAppSink(
+        s, sender, metrics=metrics, on_notified=notified.append, rng=random.Random(7), **kw
+    )
+    with trio.fail_after(3600):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run, delivery)
+            yield Harness(sink, delivery, sender, trio.current_time(), notified, metrics)
+            nursery.cancel_scope.cancel()
+    delivery.close()
+
+
+async def test_incident_burst_two_messages_per_contact_under_the_pair_rate(autojump_clock):
+    """Must-show 10.1 at unit level: 6 alarms in 0.3 s, then 4 more 1 s apart."""
+    s = settings(empresas=[{"id": "cota", "nombre": "Cota", "contactos": [A, B]}])
+    sender = PairRateSender(pair=5.5)
+    async with running_with(s, sender) as h:
+        published: dict[str, float] = {}
+        for i in range(6):
+            published[f"Incendio sede {i}"] = trio.current_time() - h.t0
+            h.delivery.put(alarm(desc=f"Incendio sede {i}", sede=f"s{i}"))
+            await trio.sleep(0.06)
+        for i in range(6, 10):
+            await trio.sleep(1.0)
+            published[f"Incendio sede {i}"] = trio.current_time() - h.t0
+            h.delivery.put(alarm(desc=f"Incendio sede {i}", sede=f"s{i}"))
+        await until_done(h, 10)
+        assert sender.throttled == 0
+        for number in (A, B):
+            calls = sender.to(number)
+            assert len(calls) == 2
+            first, second = calls
+            assert first.text.startswith("🚨 6 alertas — Cota\n")
+            assert first.at - h.t0 <= 1.0
+            for desc, at in published.items():
+                told = next(c for c in calls if desc in c.text)
+                assert told.at - h.t0 - at <= 8.0, desc
+            assert second.text.startswith("🚨 4 alertas — Cota\n")
+            assert round(second.at - first.at, 6) == 6.0
+        assert len(h.delivery.acked) == 10
+        assert len(h.notified) == 10
+
+
+async def test_digest_is_ordered_by_urgency_and_counts_repeats(autojump_clock):
+    async with running(settings(empresas=[{"id": "cota", "nombre": "Cota", "contactos": [A]}])) as h:
+        h.delivery.put(offline("p1", origen="mqtt"))
+        h.delivery.put(semaforo_event("VERDE"))
+        h.delivery.put(alarm(desc="Humo"))
+        h.delivery.put(semaforo_event("AZUL", sede="norte"))
+        for _ in range(3):
+            h.delivery.put(alarm(desc="Humo"))
+        await until_done(h, 7)
+        (call,) = h.sender.calls
+        assert round(call.at - h.t0, 6) == 0.3
+        lines = call.text.split("\n")
+        assert lines[0] == "🚨 7 avisos — Cota"
+        assert lines[1].startswith("🚨 ALARMA CRITICA — sede principal: Humo ×4 · ")
+        assert lines[2].startswith("🔵 SEMÁFORO AZUL — sede norte: código azul")
+        assert lines[3].startswith("🟢 SEMÁFORO VERDE — sede principal: normal · ")
+        assert lines[4].startswith("📴 PANEL SIN CONEXIÓN — sede principal, panel p1: ")
+        assert len(lines) == 5
+        assert call.params is not None
+        assert call.params[:2] == ("Cota", "🚨 7 avisos")
+        assert "\n" not in call.params[2]
+
+
+async def test_status_storm_never_delays_an_alarm(autojump_clock):
+    """Must-show 10.2 at unit level: 20 offline notices from p1 in 2 s, then p2's CRITICA."""
+    async with running(settings()) as h:
+        for _ in range(20):
+            h.delivery.put(offline("p1", origen="mqtt"))
+            await trio.sleep(0.1)
+        published = trio.current_time()
+        h.delivery.put(alarm(desc="Asalto", dispositivo="p2"))
+        await until_done(h, 21)
+        told = next(c for c in h.sender.calls if "Asalto" in c.text)
+        assert told.at - published <= 7.0
+        assert h.sender.calls.index(told) == 0  # the storm did not even get its own message
+        lines = told.text.split("\n")
+        assert "Asalto" in lines[1]  # first line after the header
+        assert "PANEL SIN CONEXIÓN" in lines[2]
+        assert "×20" in lines[2]
+        assert len(h.sender.calls) == 1
+
+
+async def test_throttled_number_waits_for_its_slot_and_folds_in_newcomers(autojump_clock):
+    async with running(settings()) as h:
+        h.sender.script[A] = [
+            WhatsAppThrottled("code 131056", code="131056", status=429),
+            WhatsAppThrottled("code 130429", code="130429", status=429, retry_after=10.0),
+        ]
+        h.delivery.put(alarm(desc="uno"))
+        await trio.sleep(2)
+        h.delivery.put(alarm(desc="dos"))  # arrives while A is held back
+        await until_done(h, 2)
+        # 0.3 refused (131056): +6 s; 6.3 refused with Retry-After 10: +10 s
+        assert rel(h, h.sender.calls) == [0.3, 6.3, 16.3]
+        assert "uno" in h.sender.calls[2].text
+        assert "dos" in h.sender.calls[2].text
+        assert h.metrics.retries.labels(sink="whatsapp")._value.get() == 2
+
+
+async def test_mass_offline_becomes_one_summary_per_contact(autojump_clock):
+    s = settings(empresas=[{"id": "cota", "nombre": "Cota", "contactos": [A, B]}])
+    async with running(s) as h:
+        for i in range(12):
+            h.delivery.put(offline(f"hb{i:02d}"))
+            await trio.sleep(0.05)
+        await until_done(h, 12)
+        for number in (A, B):
+            (call,) = h.sender.to(number)
+            assert call.text.startswith("📴 12 paneles sin conexión — Cota: principal/hb00, ")
+            assert "y 2 más" in call.text
+            assert call.params is not None
+            assert call.params[:2] == ("Cota", "📴 12 paneles sin conexión")
+        assert [a[1] for a in h.delivery.acked] == ["ok"] * 12
+
+
+async def test_escalations_of_many_alarms_at_once_are_one_digest(autojump_clock):
+    async with running(settings()) as h:
+        for i in range(5):
+            await h.sink.post([CENTRAL], f"⚠️ SIN ATENDER (aviso 1/3) 🚨 ALARMA CRITICA — n{i}")
+        await trio.sleep(30)
+        (call,) = h.sender.to(CENTRAL)
+        assert all(f"n{i}" in call.text for i in range(5))
+        assert call.text.startswith("⚠️ 5 avisos\n")
+        assert call.params is None  # texts only: plain text even with a template
+
+
+async def test_long_digest_shows_ten_lines_then_the_rest_counted(autojump_clock):
+    async with running(settings()) as h:
+        for i in range(25):
+            h.delivery.put(alarm(desc=f"alarma {i:02d} " + "x" * 2000, sede=f"s{i}"))
+        await until_done(h, 25)
+        (call,) = h.sender.calls
+        lines = call.text.split("\n")
+        assert lines[0] == "🚨 25 alertas — Cota"
+        assert len(lines) == 12
+        assert lines[-1].startswith("… y 15 más")
+        assert len(call.text) <= 4096
+        assert all(len(line) < 400 for line in lines)
+
+
+async def test_64_kib_description_is_cut_to_whatsapp_limits(autojump_clock):
+    """Must-show 10.6 at unit level: text ≤ 4,096; template parameters one line ≤ 1,024."""
+    async with running(settings(template="alerta")) as h:
+        h.delivery.put(alarm(desc=("línea\n\tcon tabs   y espacios " * 3000)[:65536]))
+        await until_done(h, 1)
+        (call,) = h.sender.calls
+        assert len(call.text) <= 4096
+        assert len(call.text.encode("utf-16-le")) // 2 <= 4096
+        assert call.text.endswith("…")
+        assert call.params is not None
+        for p in call.params:
+            assert len(p) <= 1024
+            assert "\n" not in p
+            assert "\t" not in p
+            assert "    " not in p
+        assert call.params[2].endswith("…")
+
+
+async def test_observer_gets_every_event_of_a_digest(autojump_clock):
+    seen: list[tuple[str, str | None, list[str]]] = []
+
+    class Observer:
+        def sent(self, number: str, message_id: str | None, event_ids: Any) -> None:
+            seen.append((number, message_id, list(event_ids)))
+
+        def failed(self, number: str, event_ids: Any, reason: str) -> None:
+            raise AssertionError("nothing fails here")
+
+    s = settings(empresas=[{"id": "cota", "contactos": [A, B]}])
+    sender = PairRateSender(pair=5.5)
+    async with running_with(s, sender, observer=Observer()) as h:
+        events = [alarm(desc=d) for d in ("uno", "dos", "dos")]
+        for e in events:
+            h.delivery.put(e)
+        await until_done(h, 3)
+        ids = sorted(e.id for e in events)
+        assert sorted(n for n, _, _ in seen) == [A, B]
+        assert all(sorted(got) == ids for _, _, got in seen)
+        assert all(mid is not None and mid.startswith("wamid.") for _, mid, _ in seen)
