@@ -505,7 +505,8 @@ async def test_incident_burst_two_messages_per_contact_under_the_pair_rate(autoj
 
 
 async def test_digest_is_ordered_by_urgency_and_counts_repeats(autojump_clock):
-    async with running(settings(empresas=[{"id": "cota", "nombre": "Cota", "contactos": [A]}])) as h:
+    s = settings(empresas=[{"id": "cota", "nombre": "Cota", "contactos": [A]}])
+    async with running(s) as h:
         h.delivery.put(offline("p1", origen="mqtt"))
         h.delivery.put(semaforo_event("VERDE"))
         h.delivery.put(alarm(desc="Humo"))
