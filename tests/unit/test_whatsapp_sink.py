@@ -644,3 +644,32 @@ async def test_observer_gets_every_event_of_a_digest(autojump_clock):
         assert sorted(n for n, _, _ in seen) == [A, B]
         assert all(sorted(got) == ids for _, _, got in seen)
         assert all(mid is not None and mid.startswith("wamid.") for _, mid, _ in seen)
+
+
+async def test_send_now_fails_transiently_when_the_sink_stops_mid_send(autojump_clock):
+    class Stuck(RecordingSender):
+        async def send_text(
+            self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
+        ) -> str | None:
+            await trio.sleep_forever()
+            return None
+
+    sink = WhatsAppSink(settings(), Stuck())
+    delivery = FakeDelivery()
+    outcome: list[str] = []
+
+    async def caller() -> None:
+        try:
+            await sink.send_now([A], "hola")
+        except TransientDelivery:
+            outcome.append("transient")
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as inner:
+                await inner.start(sink.run, delivery)
+                outer.start_soon(caller)
+                await trio.sleep(5)  # the text is being sent (and stuck)
+                inner.cancel_scope.cancel()
+    assert outcome == ["transient"]
+    delivery.close()

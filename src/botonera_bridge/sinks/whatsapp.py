@@ -133,9 +133,10 @@ class _Number:
     def __init__(self, number: str) -> None:
         self.number = number
         self.pending: list[Notice] = []
+        self.sending: list[Notice] = []  # taken by the message being sent
         self.by_key: dict[RepeatKey, Notice] = {}
         self.windows: OrderedDict[RepeatKey, _Window] = OrderedDict()
-        self.window_ends: list[tuple[float, int, RepeatKey]] = []  # heap of held windows
+        self.window_ends: list[tuple[float, int, RepeatKey, _Window]] = []  # held windows, heap
         self.next_slot = -math.inf
         self.first_urgent: float | None = None  # first arrival of the pending urgent notices
         self.first_status: float | None = None
@@ -262,13 +263,14 @@ class WhatsAppSink:
         self._nursery = self._acks = None
         self._running = trio.Event()
         for n in self._numbers.values():
-            held = [w.held for w in n.windows.values() if w.held is not None]
-            for notice in (*n.pending, *held):
+            held = [w.held for *_, w in n.window_ends if w.held is not None]
+            for notice in (*n.sending, *n.pending, *held):
                 for item in notice.carried:
                     if isinstance(item, _Direct):
                         item.aborted = True
                         item.done.set()
             n.take()
+            n.sending = []
             n.windows.clear()
             n.window_ends.clear()
             n.working = False
@@ -341,7 +343,7 @@ class WhatsAppSink:
             in_flight=self._in_flight,
             queued=sum(len(n.pending) for n in busy),
             numbers=len(busy),
-            windows=sum(len(n.window_ends) for n in busy),
+            windows=sum(1 for n in busy for *_, w in n.window_ends if w.held is not None),
         )
 
     def recipients(self, event: Event) -> tuple[str, ...]:
@@ -417,7 +419,7 @@ class WhatsAppSink:
         if window.held is None:
             window.held = Notice(STATUS, self._next_seq(), event=event, empresa=empresa)
             window.held.summary = True
-            heapq.heappush(n.window_ends, (window.end, window.held.seq, key))
+            heapq.heappush(n.window_ends, (window.end, window.held.seq, key, window))
         window.held.add(tracked, now, event.received_ns)
         self._wake(n)
         return True
@@ -476,10 +478,12 @@ class WhatsAppSink:
     def _release_windows(self, n: _Number, now: float) -> None:
         """Repeat windows that ended: their held repeats become a pending summary."""
         while n.window_ends and n.window_ends[0][0] <= now:
-            _, _, key = heapq.heappop(n.window_ends)
-            window = n.windows.pop(key, None)
-            if window is not None and window.held is not None:
+            _, _, key, window = heapq.heappop(n.window_ends)
+            if n.windows.get(key) is window:  # else already released (evicted, replaced)
+                del n.windows[key]
+            if window.held is not None:
                 self._release(n, window.held, now)
+                window.held = None
         while n.windows:  # forget expired windows that hold nothing (oldest first)
             key, window = next(iter(n.windows.items()))
             if window.held is not None or window.end > now:
@@ -489,6 +493,7 @@ class WhatsAppSink:
     def _release(self, n: _Number, held: Notice, now: float) -> None:
         n.pending.append(held)
         n.arrived(held.rank, now)
+        self._wake(n)
 
     def _remember(self, n: _Number, notices: list[Notice], now: float) -> None:
         """Open a repeat window for each notice just sent to ``n``."""
@@ -497,25 +502,28 @@ class WhatsAppSink:
             if notice.key is None or notice.summary or notice.watchdog_state is not None:
                 continue
             old = n.windows.pop(notice.key, None)
-            if old is not None and old.held is not None:  # cannot happen: held ones stay held
+            if old is not None and old.held is not None:  # an ended window not yet released
                 self._release(n, old.held, now)
+                old.held = None
             n.windows[notice.key] = _Window(now + window)
             while len(n.windows) > MAX_RECENT:
                 _, oldest = n.windows.popitem(last=False)
                 if oldest.held is not None:
                     self._release(n, oldest.held, now)
+                    oldest.held = None
 
     async def _send(self, n: _Number) -> None:
         number = n.number
-        notices = n.take()
+        notices = n.sending = n.take()
         message = render(notices)
-        await self._limiter.acquire()
-        started = self._clock()
         try:
+            await self._limiter.acquire()
+            started = self._clock()
             sent_id = await self._sender.send_text(
                 number, message.text, template_params=message.params
             )
         except TransientDelivery as exc:
+            n.sending = []
             n.put_back(notices)
             if isinstance(exc, WhatsAppThrottled):  # Meta's own pacing: honour it
                 delay = max(self._wa.min_interval, exc.retry_after or 0.0)
@@ -532,10 +540,12 @@ class WhatsAppSink:
             )
             return
         except PermanentDelivery as exc:
+            n.sending = []
             logger.error("WhatsApp to %s refused for good: %s", mask_phone(number), exc)
             n.retries = None
             await self._done(notices, number, None, exc)
             return
+        n.sending = []
         n.retries = None
         n.next_slot = started + self._wa.min_interval
         if self._metrics is not None:
