@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -673,3 +674,76 @@ async def test_send_now_fails_transiently_when_the_sink_stops_mid_send(autojump_
                 inner.cancel_scope.cancel()
     assert outcome == ["transient"]
     delivery.close()
+
+
+README_FIRST = """\
+🚨 6 alertas — Cota
+🚨 ALARMA CRITICA — sede norte: Incendio en bodega · 14:32
+🚨 ALARMA CRITICA — sede sur: Humo en cocina · 14:32
+🚨 ALARMA CRITICA — sede principal: Asalto en portería · 14:32
+🚨 ALARMA CRITICA — sede occidente: Persona herida · 14:32
+🚨 ALARMA CRITICA — sede oriente: Fuga de gas · 14:32
+🚨 ALARMA CRITICA — sede centro: Intrusión en parqueadero · 14:32"""
+README_SECOND = """\
+🚨 8 avisos — Cota
+🚨 ALARMA CRITICA — sede norte: Robo en recepción · 14:33
+🔴 SEMÁFORO ROJO — sede sur: emergencia · 14:33
+🟡 SEMÁFORO AMARILLO — sede principal: precaución · 14:33
+📴 PANEL SIN CONEXIÓN — sede sur, panel p3: el panel reportó offline ×5 · 14:33"""
+README_PANELS = (
+    "📴 12 paneles sin conexión — Cota: bodega/p1, bodega/p2, bodega/p3, bodega/p4, bodega/p5, "
+    "bodega/p6, bodega/p7, bodega/p8, bodega/p9, bodega/p10 y 2 más · 14:34"
+)
+
+
+async def test_readme_incident_example(autojump_clock):
+    """The incident shown in the README ("Cómo se ve un incidente en el teléfono")."""
+    t = 1_714_678_330 * 10**9  # 14:32 in Bogota
+    minute = 60 * 10**9
+    s = settings(empresas=[{"id": "cota", "nombre": "Cota", "contactos": [A]}])
+    async with running(s) as h:
+        sedes = {
+            "norte": "Incendio en bodega",
+            "sur": "Humo en cocina",
+            "principal": "Asalto en portería",
+            "occidente": "Persona herida",
+            "oriente": "Fuga de gas",
+            "centro": "Intrusión en parqueadero",
+        }
+        for sede, desc in sedes.items():
+            h.delivery.put(alarm(desc=desc, sede=sede, received_ns=t))
+            await trio.sleep(0.05)
+        await trio.sleep(1)
+        h.delivery.put(alarm(desc="Robo en recepción", sede="norte", received_ns=t + minute))
+        h.delivery.put(semaforo_event("ROJO", sede="sur", received_ns=t + minute))
+        for _ in range(5):
+            h.delivery.put(
+                alarm(
+                    tipo="estado",
+                    sede="sur",
+                    dispositivo="p3",
+                    detail={"status": "offline"},
+                    received_ns=t + minute,
+                )
+            )
+        h.delivery.put(semaforo_event("AMARILLO", received_ns=t + minute))
+        await until_done(h, 14)
+        assert [c.text for c in h.sender.calls] == [README_FIRST, README_SECOND]
+        assert rel(h, h.sender.calls) == [0.55, 6.55]
+    async with running(s) as h:
+        for i in range(12):
+            h.delivery.put(
+                alarm(
+                    tipo="estado",
+                    origen="watchdog",
+                    sede="bodega",
+                    dispositivo=f"p{i + 1}",
+                    detail={"status": "offline"},
+                    received_ns=t + 2 * minute,
+                )
+            )
+        await until_done(h, 12)
+        assert [c.text for c in h.sender.calls] == [README_PANELS]
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for text in (README_FIRST, README_SECOND, README_PANELS):
+        assert text in readme
