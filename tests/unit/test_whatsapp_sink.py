@@ -247,12 +247,12 @@ async def test_merge_while_queued_then_summary_after_window(autojump_clock):
         late.append(h.delivery.put(alarm()))  # t=20
         await until_done(h, 7)
         # the repeat window opens when the repeated alarm was sent (6.3) and lasts 60 s;
-        # its summary is a status notice (2 s gather): 68.3
-        assert rel(h, h.sender.calls) == [0.3, 6.3, 68.3]
+        # its summary is a status notice (3 s gather): 69.3
+        assert rel(h, h.sender.calls) == [0.3, 6.3, 69.3]
         assert "(×3 en 1 min)" in h.sender.calls[1].text
         assert "se repitió 3 veces más" in h.sender.calls[2].text
         acked_at = {a[0]: round(a[2] - h.t0, 6) for a in h.delivery.acked}
-        assert all(acked_at[e.id] == 68.3 for e in late)
+        assert all(acked_at[e.id] == 69.3 for e in late)
         assert sorted(acked_at.values()).count(6.3) == 3
         assert len(h.notified) == 4  # "otra" and the three merged ones, not the summary
 

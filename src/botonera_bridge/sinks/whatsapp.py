@@ -64,8 +64,10 @@ logger: Final = logging.getLogger("botonera_bridge.whatsapp")
 SINK: Final = "whatsapp"
 GATHER_QUIET: Final = 0.3  # seconds without new arrivals that end an urgent gather
 GATHER_MAX: Final = 0.8  # seconds an urgent notice may wait for its companions
-STATUS_GATHER_QUIET: Final = 2.0  # the same for status-only digests (offline/online)
-STATUS_GATHER_MAX: Final = 10.0
+# Status-only digests (offline/online) wait longer: panels of a site that lost power are
+# declared offline over a few seconds (the phase of their last beat), one message is better.
+STATUS_GATHER_QUIET: Final = 3.0
+STATUS_GATHER_MAX: Final = 15.0
 RETRY_BASE_DELAY: Final = 0.5  # seconds, first backoff ceiling
 RETRY_MAX_DELAY: Final = 30.0  # seconds, backoff cap (Retry-After may ask for more)
 MAX_IN_FLIGHT: Final = 512  # entries read but not yet acked
