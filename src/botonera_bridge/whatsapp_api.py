@@ -222,7 +222,8 @@ class LogSender:
     async def send_text(
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
     ) -> str | None:
-        logger.info("WhatsApp → %s: %s", mask_phone(to), text)
+        # A digest has several lines: one log record stays one line ("⏎" marks the breaks).
+        logger.info("WhatsApp → %s: %s", mask_phone(to), text.replace("\n", " ⏎ "))
         return None
 
 
