@@ -207,3 +207,10 @@ def test_digest_line_and_panels_summary():
         "principal/p3, principal/p4, principal/p5, principal/p6, principal/p7, principal/p8, "
         "principal/p9 y 2 más · 14:32"
     )
+
+
+async def test_log_sender_keeps_a_digest_on_one_log_line(caplog):
+    caplog.set_level(logging.INFO)
+    await LogSender().send_text("+573001112233", "🚨 2 alertas — Cota\n🚨 uno\n🚨 dos")
+    (record,) = caplog.records
+    assert record.getMessage() == "WhatsApp → +57******2233: 🚨 2 alertas — Cota ⏎ 🚨 uno ⏎ 🚨 dos"
