@@ -41,6 +41,9 @@ SEMAFOROS: Final[dict[str, tuple[str, str]]] = {
 }
 PRUEBA: Final = "[PRUEBA]"
 NO_DESCRIPTION: Final = "sin descripción"
+ELLIPSIS: Final = "…"
+MAX_TEXT: Final = 4096  # characters of one WhatsApp text (Cloud API limit)
+MAX_PARAM: Final = 1024  # characters of one template body parameter
 
 #: which panel messages are worth a WhatsApp message (prueba events always are)
 _ALWAYS: Final = frozenset({"alarmas", "semaforos"})
@@ -80,18 +83,22 @@ def semaforo(colour: str) -> tuple[str, str, str]:
 
 def place(event: Event, empresa: Empresa | None) -> str:
     """'Cota (sede principal)', or the raw id and that it is not configured."""
-    if empresa is not None:
-        name = empresa.label
-    elif event.empresa:
-        name = f"empresa «{event.empresa}» (no configurada)"
-    else:
-        name = "empresa sin identificar"
+    name = empresa_name(event, empresa)
     extras: list[str] = []
     if event.sede:
         extras.append(f"sede {_human(event.sede)}")
     if event.tipo == "estado" and event.dispositivo:
         extras.append(f"panel {_human(event.dispositivo)}")
     return f"{name} ({', '.join(extras)})" if extras else name
+
+
+def empresa_name(event: Event, empresa: Empresa | None) -> str:
+    """'Cota', or the raw id and that it is not configured."""
+    if empresa is not None:
+        return empresa.label
+    if event.empresa:
+        return f"empresa «{event.empresa}» (no configurada)"
+    return "empresa sin identificar"
 
 
 def count_suffix(count: int, span_seconds: float) -> str:
@@ -164,10 +171,57 @@ def summary_text(event: Event, empresa: Empresa | None, repeats: int, *, last_ns
     return f"{text} · se repitió {repeats} {veces} más (hasta {clock_time(last_ns)})"
 
 
+def line_text(
+    event: Event,
+    empresa: Empresa | None,
+    *,
+    count: int = 1,
+    with_empresa: bool = True,
+    limit: int = 300,
+) -> str:
+    """One line of a digest: '🚨 ALARMA CRITICA — sede norte: Incendio norte ×3 · 14:32'.
+
+    ``with_empresa=False`` when the digest's header already names the one empresa.
+    The detail is cut so one long description cannot crowd out the other lines.
+    """
+    emoji, what, detail = headline(event)
+    where = place(event, empresa) if with_empresa else _where(event)
+    text = f"{emoji} {what}" + (f" — {where}" if where else "")
+    if detail:
+        text += f": {one_line(detail, limit)}"
+    if count > 1:
+        text += f" ×{count}"
+    text += f" · {clock_time(event.received_ns)}"
+    return f"{PRUEBA} {text}" if event.prueba else text
+
+
+def panels_text(events: list[Event], empresa: Empresa | None, *, shown: int = 10) -> str:
+    """Several panels of one empresa changing state together (watchdog), one line:
+    '📴 12 paneles sin conexión — Cota: principal/hb1, principal/hb2, … y 2 más · 14:32'."""
+    first = events[0]
+    emoji, _, _ = headline(first)
+    state = "en línea" if _status(first) == "online" else "sin conexión"
+    name = empresa_name(first, empresa)
+    names = [f"{_human(e.sede) or '-'}/{_human(e.dispositivo) or '-'}" for e in events[:shown]]
+    more = f" y {len(events) - shown} más" if len(events) > shown else ""
+    when = clock_time(max(e.received_ns for e in events))
+    return f"{emoji} {len(events)} paneles {state} — {name}: {', '.join(names)}{more} · {when}"
+
+
+def digest_header(emoji: str, count: int, noun: str, names: list[str]) -> str:
+    """'🚨 6 alertas — Cota' (the names of every empresa the digest is about)."""
+    return f"{emoji} {count} {noun} — {', '.join(names)}" if names else f"{emoji} {count} {noun}"
+
+
+def more_text(hidden: int) -> str:
+    """The last line of a digest longer than its shown lines."""
+    return f"… y {hidden} más (responda ESTADO para ver las alarmas abiertas)"
+
+
 def unknown_to_backend_text(event: Event) -> str:
     """For ``central`` when the backend does not know an event's empresa/sede."""
     sede = f", sede «{event.sede}»" if event.sede else ""
-    what, _, _ = headline(event)
+    _, what, _ = headline(event)
     return (
         f"⚠️ El backend no reconoce la empresa «{event.empresa}»{sede}: "
         f"{what} quedó en dead letters (botonera-bridge dead-letters list) · "
@@ -187,8 +241,42 @@ def template_params(
     return place(event, empresa), what, f"{detalle} · {when}" if detalle else when
 
 
+def _utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to at most ``limit`` characters, ending in "…" when cut.
+
+    Counted in UTF-16 code units (how WhatsApp counts: an emoji may be two), so
+    the result also fits however the provider counts.
+    """
+    if len(text) <= limit // 2 or _utf16_len(text) <= limit:
+        return text
+    room = max(0, limit - len(ELLIPSIS))
+    cut = text[:room]
+    while (excess := _utf16_len(cut) - room) > 0:
+        cut = cut[: -((excess + 1) // 2)]
+    return cut.rstrip() + ELLIPSIS
+
+
+def one_line(text: str, limit: int = MAX_PARAM) -> str:
+    """A template parameter: whitespace runs (newlines, tabs) folded to one space, clipped."""
+    return clip(" ".join(text.split()), limit)
+
+
 def _status(event: Event) -> str:
     return fold(event.detail.get("status", ""))
+
+
+def _where(event: Event) -> str:
+    """'sede norte' / 'sede norte, panel p1' without the empresa (a digest names it once)."""
+    parts: list[str] = []
+    if event.sede:
+        parts.append(f"sede {_human(event.sede)}")
+    if event.tipo == "estado" and event.dispositivo:
+        parts.append(f"panel {_human(event.dispositivo)}")
+    return ", ".join(parts)
 
 
 def _human(ident: str) -> str:

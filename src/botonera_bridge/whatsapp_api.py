@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
+from . import texts
 from .config import WhatsappSettings
 from .errors import PermanentDelivery, TransientDelivery
 from .ids import mask_phone
@@ -32,6 +33,8 @@ logger: Final = logging.getLogger("botonera_bridge.whatsapp")
 SINK: Final = "whatsapp"
 #: Graph error codes worth retrying (rate limits, temporary service errors)
 TRANSIENT_CODES: Final = frozenset({130429, 131056, 131057, 131000, 131016})
+#: ... of which these say "too many messages": throughput (130429), pair rate (131056)
+THROTTLE_CODES: Final = frozenset({130429, 131056})
 #: Graph error codes that never succeed on retry (24 h window, not on WhatsApp,
 #: unsupported type, invalid parameter, expired token)
 PERMANENT_CODES: Final = frozenset({131047, 131026, 131051, 100, 190})
@@ -68,6 +71,27 @@ class WhatsAppRejected(PermanentDelivery):
     ) -> None:
         self.code = code
         super().__init__(message, sink=SINK, status=status, body=body)
+
+
+class WhatsAppThrottled(TransientDelivery):
+    """Raised when the provider says we send too fast: Graph codes 130429 (throughput)
+    and 131056 (pair rate: too many messages to one number), or HTTP 429.
+
+    The sink answers by moving that number's next slot (``retry_after`` when given,
+    else the pair interval), never by retrying sooner. ``code`` as in WhatsAppRejected.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        status: int | None = None,
+        body: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        self.code = code
+        super().__init__(message, sink=SINK, status=status, body=body, retry_after=retry_after)
 
 
 def version() -> str:
@@ -150,6 +174,15 @@ def classify(response: httpx.Response, number: str, provider: str) -> str | None
     reason = _scrub(reason, number)[:200]
     where = f"{provider} HTTP {status}" + (f" code {code}" if code is not None else "")
     message = f"{where} for {mask_phone(number)}" + (f": {reason}" if reason else "")
+    wait = retry_after(response.headers.get("retry-after"))
+    if code in THROTTLE_CODES or (status == 429 and code not in PERMANENT_CODES):
+        raise WhatsAppThrottled(
+            message,
+            code=str(code if code is not None else status),
+            status=status,
+            body=body,
+            retry_after=wait,
+        )
     if code in TRANSIENT_CODES or (
         code not in PERMANENT_CODES and (status in _TRANSIENT_STATUS or status >= 500)
     ):
@@ -158,7 +191,7 @@ def classify(response: httpx.Response, number: str, provider: str) -> str | None
             sink=SINK,
             status=status,
             body=body,
-            retry_after=retry_after(response.headers.get("retry-after")),
+            retry_after=wait,
         )
     raise WhatsAppRejected(
         message, code=str(code if code is not None else status), status=status, body=body
@@ -189,7 +222,8 @@ class LogSender:
     async def send_text(
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
     ) -> str | None:
-        logger.info("WhatsApp → %s: %s", mask_phone(to), text)
+        # A digest has several lines: one log record stays one line ("⏎" marks the breaks).
+        logger.info("WhatsApp → %s: %s", mask_phone(to), text.replace("\n", " ⏎ "))
         return None
 
 
@@ -217,6 +251,10 @@ class CloudSender:
     ) -> dict[str, Any]:
         s = self._settings
         if s.template and template_params is not None:
+            # Meta refuses parameters with newlines, tabs, > 4 spaces or > 1,024 characters.
+            empresa, tipo, detalle = template_params
+            one = texts.one_line
+            template_params = (one(empresa), one(tipo), one(detalle))
             return {
                 "messaging_product": "whatsapp",
                 "to": number,
@@ -236,7 +274,7 @@ class CloudSender:
             "messaging_product": "whatsapp",
             "to": number,
             "type": "text",
-            "text": {"body": text},
+            "text": {"body": texts.clip(text)},
         }
 
     async def send_text(
@@ -260,7 +298,7 @@ class WahaSender:
         self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
     ) -> str | None:
         number = digits(to)
-        payload = {"session": self._session, "chatId": f"{number}@c.us", "text": text}
+        payload = {"session": self._session, "chatId": f"{number}@c.us", "text": texts.clip(text)}
         return await _post(self._client, self.url, payload, number, "waha")
 
 

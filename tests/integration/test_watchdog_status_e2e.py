@@ -203,8 +203,9 @@ def test_readyz_reports_a_stalled_sink(bridge_factory, backend, publisher):
 
 
 def test_a_progressing_whatsapp_backlog_is_not_stalled(bridge_factory, publisher, redis_server):
-    # one contact, 4 distinct alarms: the 6 s spacing keeps a WhatsApp backlog for ~18 s,
-    # with a send every 6 s; a sink that finishes work every 6 s is not stalled at 8 s
+    # one contact, 4 distinct alarms 6 s apart (alarms published together would share one
+    # digest): the 6 s spacing keeps a WhatsApp backlog for ~18 s, with a send every 6 s;
+    # a sink that finishes work every 6 s is not stalled at 8 s
     bridge = bridge_factory(
         redis_url=redis_server.url,
         conf={
@@ -212,7 +213,12 @@ def test_a_progressing_whatsapp_backlog_is_not_stalled(bridge_factory, publisher
             "empresas": [{"id": "cota", "nombre": "Cota", "contactos": ["+573001112233"]}],
         },
     ).start()
+    start = time.monotonic()
     for i in range(4):
+        while time.monotonic() < start + (0, 1, 7, 13)[i]:  # each one waits for the next slot
+            code, body = bridge.http("/readyz")
+            assert code == 200, body
+            time.sleep(0.5)
         publisher.publish(
             {
                 "tipo_mensaje": "alarmas",
@@ -221,7 +227,7 @@ def test_a_progressing_whatsapp_backlog_is_not_stalled(bridge_factory, publisher
                 "empresa": "cota",
             }
         )
-    end = time.monotonic() + 16
+    end = start + 16
     while time.monotonic() < end:
         code, body = bridge.http("/readyz")
         assert code == 200, body

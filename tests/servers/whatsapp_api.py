@@ -8,7 +8,9 @@ can own it. Every request is recorded (time, path, headers, JSON). Faults:
 * ``fail_number=("573001112233", 131047)``: calls for that number fail with the code;
 * ``down=True``: every call answers 500;
 * ``delay=0.5``: sleep before answering (timeouts);
-* ``retry_after="2"``: add a Retry-After header to injected errors.
+* ``retry_after="2"``: add a Retry-After header to injected errors;
+* ``pair_rate=5.5``: enforce Meta's pair rate: a message to a number that was
+  sent one less than that many seconds ago (by arrival) answers 131056.
 
     server = FakeWhatsApp()
     server.url            # http://127.0.0.1:PORT
@@ -59,6 +61,7 @@ class Recorded:
     headers: dict[str, str]  # lower-cased names
     json: Any
     status: int  # what we answered
+    error_code: int | None = None  # the Graph error code we answered with, if any
 
 
 @dataclass
@@ -68,12 +71,14 @@ class _Config:
     down: bool = False
     delay: float = 0.0
     retry_after: str | None = None
+    pair_rate: float = 0.0
 
 
 @dataclass
 class _State:
     config: _Config = field(default_factory=_Config)
     calls: int = 0
+    last_sent: dict[str, float] = field(default_factory=dict)  # number -> accepted at
     requests: list[Recorded] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -100,8 +105,10 @@ class _Handler(BaseHTTPRequestHandler):
             cfg = _Config(**vars(state.config))
         if cfg.delay:
             time.sleep(cfg.delay)
-        status, answer, extra = self._answer(call, cfg, body)
-        with state.lock:
+        with state.lock:  # one decision at a time: the pair rate looks at the last accepted
+            status, answer, extra = self._answer(call, cfg, body, arrived)
+            error = answer.get("error")
+            code = error.get("code") if isinstance(error, dict) else None
             state.requests.append(
                 Recorded(
                     at=arrived,
@@ -110,6 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
                     headers={k.lower(): v for k, v in self.headers.items()},
                     json=body,
                     status=status,
+                    error_code=code if isinstance(code, int) else None,
                 )
             )
         data = json.dumps(answer).encode()
@@ -122,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _answer(
-        self, call: int, cfg: _Config, body: Any
+        self, call: int, cfg: _Config, body: Any, arrived: float
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         cloud = _CLOUD_PATH.match(self.path)
         waha = self.path == "/api/sendText"
@@ -136,6 +144,10 @@ class _Handler(BaseHTTPRequestHandler):
             code = cfg.fail_number[1]
         elif cfg.error_every is not None and call % cfg.error_every[0] == 0:
             code = cfg.error_every[1]
+        elif cfg.pair_rate and arrived - self.server.state.last_sent.get(number, -1e9) < (
+            cfg.pair_rate
+        ):
+            code = 131056
         if code is not None:
             extra = {"Retry-After": cfg.retry_after} if cfg.retry_after else {}
             status = STATUS_FOR_CODE.get(code, 400)
@@ -147,6 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "fbtrace_id": uuid.uuid4().hex[:20],
             }
             return status, {"error": error}, extra
+        self.server.state.last_sent[number] = arrived
         if waha:
             chat = body.get("chatId", "") if isinstance(body, dict) else ""
             mid = f"true_{chat}_{uuid.uuid4().hex[:20].upper()}"
@@ -195,7 +208,7 @@ class FakeWhatsApp:
         self._thread.start()
 
     def set(self, **config: Any) -> None:
-        """Change faults: error_every, fail_number, down, delay, retry_after."""
+        """Change faults: error_every, fail_number, down, delay, retry_after, pair_rate."""
         state = self._server.state
         with state.lock:
             for key, value in config.items():
@@ -210,11 +223,16 @@ class FakeWhatsApp:
             state.config = _Config()
             state.calls = 0
             state.requests.clear()
+            state.last_sent.clear()
 
     def requests(self, path: str | None = None) -> list[Recorded]:
         state = self._server.state
         with state.lock:
             return [r for r in state.requests if path is None or r.path == path]
+
+    def answered(self, code: int) -> int:
+        """How many requests were answered with that Graph error code (131056: pair rate)."""
+        return sum(1 for r in self.requests() if r.error_code == code)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -156,3 +156,61 @@ async def test_log_sender_masks_number(caplog):
     assert "573001112233" not in caplog.text
     assert f"WhatsApp → {mask_phone('+573001112233')}: hola" in caplog.text
     assert mask_phone("+573001112233") == "+57******2233"
+
+
+def test_unknown_to_backend_names_the_alarm_type_not_its_emoji():
+    """Issue 12's bug: central read '…: 🚨 quedó en dead letters'."""
+    e = ev("alarmas", empresa="chia", detail={"tipo_alarma": "CRITICA", "descripcion": "x"})
+    text = texts.unknown_to_backend_text(e)
+    assert text == (
+        "⚠️ El backend no reconoce la empresa «chia», sede «principal»: ALARMA CRITICA quedó en "
+        "dead letters (botonera-bridge dead-letters list) · 14:32"
+    )
+    assert ": 🚨" not in text
+
+
+def test_clip_counts_like_whatsapp_and_marks_the_cut():
+    assert texts.clip("corto") == "corto"
+    assert texts.clip("x" * 4096) == "x" * 4096
+    cut = texts.clip("x" * 5000)
+    assert len(cut) == 4096
+    assert cut.endswith("x…")
+    emoji = texts.clip("🚨" * 3000)  # two UTF-16 units each
+    assert len(emoji.encode("utf-16-le")) // 2 <= 4096
+    assert emoji.endswith("…")
+    assert texts.clip("palabra " * 2, 10) == "palabra p…"
+    assert texts.clip("palabra  " * 2, 10) == "palabra…"
+
+
+def test_one_line_template_parameter():
+    p = texts.one_line("Incendio\nen\tla    bodega " * 200)
+    assert "\n" not in p
+    assert "\t" not in p
+    assert "  " not in p
+    assert len(p) <= 1024
+    assert p.endswith("…")
+    assert texts.one_line(" a \n b ") == "a b"
+
+
+def test_digest_line_and_panels_summary():
+    e = ev("alarmas", detail={"tipo_alarma": "CRITICA", "descripcion": "Incendio\nnorte"})
+    assert texts.line_text(e, COTA, count=3, with_empresa=False) == (
+        "🚨 ALARMA CRITICA — sede principal: Incendio norte ×3 · 14:32"
+    )
+    assert texts.line_text(e, COTA).startswith("🚨 ALARMA CRITICA — Cota (sede principal): ")
+    panels = [
+        ev("estado", origen="watchdog", dispositivo=f"p{i}", detail={"status": "offline"})
+        for i in range(12)
+    ]
+    assert texts.panels_text(panels, COTA) == (
+        "📴 12 paneles sin conexión — Cota: principal/p0, principal/p1, principal/p2, "
+        "principal/p3, principal/p4, principal/p5, principal/p6, principal/p7, principal/p8, "
+        "principal/p9 y 2 más · 14:32"
+    )
+
+
+async def test_log_sender_keeps_a_digest_on_one_log_line(caplog):
+    caplog.set_level(logging.INFO)
+    await LogSender().send_text("+573001112233", "🚨 2 alertas — Cota\n🚨 uno\n🚨 dos")
+    (record,) = caplog.records
+    assert record.getMessage() == "WhatsApp → +57******2233: 🚨 2 alertas — Cota ⏎ 🚨 uno ⏎ 🚨 dos"

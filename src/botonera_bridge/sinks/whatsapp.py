@@ -1,69 +1,89 @@
-"""The WhatsApp sink: outbox events -> rate-limited, coalesced WhatsApp messages.
+"""The WhatsApp sink: outbox events -> per-number digests, one per 6 s slot.
 
 Flow::
 
-    delivery.read ─▶ reader ─▶ coalescing windows ─▶ per-number FIFO ─▶ one worker per number
-                       │                                                  (spacing, global rate
-                       │ skipped                                           limit, retries)
-                       ▼                                                        │ message done
-                     acker ◀────────────────────────────────────────────────────┘
+    delivery.read ─▶ reader ─▶ per-number pending notices ─▶ one worker per number
+                       │        (identical repeats counted)     (slot, gather, digest,
+                       │ skipped                                 global rate, retries)
+                       ▼                                              │ sent / refused
+                     acker ◀──────────────────────────────────────────┘
                        └─▶ delivery.ack / delivery.dead_letter
 
-* One worker task per number with queued messages, so a slow or failing number
-  only delays itself; other numbers and empresas proceed.
-* Identical alarms (same empresa, sede, tipo, tipo_alarma, descripcion; never
-  prueba) within ``dedup_window`` are merged: the first one waits
-  :data:`GATHER_DELAY` so a burst becomes one message with a count; later ones
-  merge into it while it has not been sent; after that they are counted into a
-  summary sent when the window ends. An entry is acked only when the message
-  carrying it has been sent to, or permanently refused by, every recipient.
-* At most ``max_in_flight`` entries are held (read but not acked); the reader
-  stops reading while that many are in flight.
+* **What waits for a number goes out together.** A number that is idle sends the
+  first notice of an incident after a short gather (:data:`GATHER_QUIET` after the
+  last arrival, at most :data:`GATHER_MAX` after the first), so alarms pressed
+  together share the first message. Everything that queues while the number waits
+  for its next slot (``min_interval`` after the previous send) goes out as one
+  digest at that slot, ranked by urgency (:mod:`.digest`). Status notices alone
+  gather longer (:data:`STATUS_GATHER_QUIET`, :data:`STATUS_GATHER_MAX`) so a site
+  that loses power becomes one "12 paneles sin conexión" message; an alarm never
+  waits for that.
+* **Identical repeats are counted**: while pending they merge into one line
+  (``×N``); once sent to a number, repeats within ``dedup_window`` seconds are
+  held and sent as one "se repitió N veces más" summary when the window ends
+  (``dedup_window = 0`` turns both off). prueba events never merge; watchdog
+  offline/online events are never held.
+* **Never hammer**: a 131056/130429/429 answer moves that number's next slot to
+  ``max(min_interval, Retry-After)`` from now; other transient failures back off
+  with :mod:`..backoff`. The failed digest's notices stay pending, so the retry
+  also carries what arrived meanwhile. ``max_per_second`` bounds all sends.
+* **At least once**: an outbox entry is acked only when the message carrying it
+  was sent to, or permanently refused by, every recipient (dead-lettered when
+  every recipient refused it). At most ``max_in_flight`` entries are held; the
+  reader stops reading while that many are in flight.
+* One worker task per number with something pending, so a slow or failing number
+  only delays itself.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 import trio
 
-from .. import texts
+from .. import backoff, texts
 from ..config import Empresa, Settings
 from ..errors import PermanentDelivery, RedisError, TransientDelivery
 from ..ids import mask_phone
 from ..messages import Event
 from ..metrics import Metrics
-from ..whatsapp_api import Sender, WhatsAppRejected
+from ..whatsapp_api import Sender, WhatsAppRejected, WhatsAppThrottled
 from . import Delivery, DeliveryObserver, EntryLike
+from .digest import STATUS, Notice, RepeatKey, rank, render, repeat_key
 
 logger: Final = logging.getLogger("botonera_bridge.whatsapp")
 
 SINK: Final = "whatsapp"
-GATHER_DELAY: Final = 0.5  # seconds the first of possibly identical alarms waits for its twins
+GATHER_QUIET: Final = 0.3  # seconds without new arrivals that end an urgent gather
+GATHER_MAX: Final = 0.8  # seconds an urgent notice may wait for its companions
+# Status-only digests (offline/online) wait longer: panels of a site that lost power are
+# declared offline over a few seconds (the phase of their last beat), one message is better.
+STATUS_GATHER_QUIET: Final = 3.0
+STATUS_GATHER_MAX: Final = 15.0
 RETRY_BASE_DELAY: Final = 0.5  # seconds, first backoff ceiling
 RETRY_MAX_DELAY: Final = 30.0  # seconds, backoff cap (Retry-After may ask for more)
 MAX_IN_FLIGHT: Final = 512  # entries read but not yet acked
+MAX_RECENT: Final = 1024  # repeat windows remembered per number
 READ_BATCH: Final = 64  # entries per delivery.read
-COALESCED_TIPOS: Final = frozenset({"alarmas", "semaforos"})
 NOTIFIED_TIPOS: Final = frozenset({"alarmas", "semaforos"})  # on_notified hook
 
 Clock = Callable[[], float]
-_Key = tuple[str, str, str, str, str]
 
 
 @dataclass(frozen=True)
 class SinkStatistics:
     in_flight: int  # entries read, not yet acked
-    queued: int  # (message, number) pairs waiting to be sent
-    numbers: int  # numbers with queued messages
-    windows: int  # open coalescing windows
+    queued: int  # notices waiting for a slot, over all numbers
+    numbers: int  # numbers with something waiting
+    windows: int  # repeat windows holding repeats for a summary
 
 
 class _AckJob(NamedTuple):
@@ -73,49 +93,98 @@ class _AckJob(NamedTuple):
     detail: str = ""
 
 
-class _Message:
-    """One WhatsApp text going to one or more numbers, carrying zero or more entries."""
+class _Tracked:
+    """One outbox entry on its way to every recipient."""
 
-    def __init__(
-        self,
-        kind: str,
-        recipients: tuple[str, ...],
-        *,
-        ready_at: float,
-        event: Event | None = None,
-        empresa: Empresa | None = None,
-        text: str = "",
-    ) -> None:
-        self.kind = kind  # alert | summary | direct
-        self.recipients = recipients
-        self.ready_at = ready_at
-        self.event = event
-        self.empresa = empresa
-        self.text = text
-        self.params: tuple[str, str, str] | None = None
-        self.sealed = kind == "direct"  # text frozen: nothing merges into it any more
-        self.entries: list[EntryLike] = []
-        self.first_at = self.last_at = ready_at
-        self.last_ns = 0
+    __slots__ = ("entry", "failures", "notified", "pending", "sent_to")
+
+    def __init__(self, entry: EntryLike, recipients: tuple[str, ...]) -> None:
+        self.entry = entry
+        self.pending = set(recipients)
+        self.sent_to: set[str] = set()
+        self.failures: dict[str, PermanentDelivery] = {}
+        self.notified = False
+
+
+class _Direct:
+    """A text from :meth:`WhatsAppSink.send_now` / :meth:`WhatsAppSink.post`."""
+
+    __slots__ = ("aborted", "done", "failures", "pending", "sent_to")
+
+    def __init__(self, recipients: tuple[str, ...]) -> None:
         self.pending = set(recipients)
         self.sent_to: set[str] = set()
         self.failures: dict[str, PermanentDelivery] = {}
         self.done = trio.Event()
-        self.aborted = False
-
-    def add(self, entry: EntryLike, now: float) -> None:
-        if not self.entries:
-            self.first_at = now
-        self.entries.append(entry)
-        self.last_at = now
-        self.last_ns = entry.event.received_ns
+        self.aborted = False  # the sink stopped before it was sent
 
 
 class _Window:
-    def __init__(self, message: _Message, end: float) -> None:
-        self.message = message
+    """Repeats of a notice already sent to one number, held until ``end``."""
+
+    __slots__ = ("end", "held")
+
+    def __init__(self, end: float) -> None:
         self.end = end
-        self.summary: _Message | None = None
+        self.held: Notice | None = None
+
+
+class _Number:
+    """Everything the sink keeps for one phone number."""
+
+    def __init__(self, number: str) -> None:
+        self.number = number
+        self.pending: list[Notice] = []
+        self.sending: list[Notice] = []  # taken by the message being sent
+        self.by_key: dict[RepeatKey, Notice] = {}
+        self.windows: OrderedDict[RepeatKey, _Window] = OrderedDict()
+        self.window_ends: list[tuple[float, int, RepeatKey, _Window]] = []  # held windows, heap
+        self.next_slot = -math.inf
+        self.first_urgent: float | None = None  # first arrival of the pending urgent notices
+        self.first_status: float | None = None
+        self.last_at = -math.inf
+        self.retries: Iterator[float] | None = None
+        self.changed = trio.Event()
+        self.working = False
+
+    def ready_at(self) -> float:
+        """When the gather of what is pending ends (not counting the slot)."""
+        if self.first_urgent is not None:
+            return min(self.first_urgent + GATHER_MAX, self.last_at + GATHER_QUIET)
+        if self.first_status is not None:
+            return min(self.first_status + STATUS_GATHER_MAX, self.last_at + STATUS_GATHER_QUIET)
+        return math.inf
+
+    def arrived(self, notice_rank: int, at: float) -> None:
+        if notice_rank < STATUS:
+            if self.first_urgent is None:
+                self.first_urgent = at
+        elif self.first_status is None:
+            self.first_status = at
+        self.last_at = max(self.last_at, at)
+
+    def take(self) -> list[Notice]:
+        """Everything pending, for one message; later arrivals start a new gather."""
+        taken, self.pending = self.pending, []
+        self.by_key.clear()
+        self.first_urgent = self.first_status = None
+        return taken
+
+    def put_back(self, notices: list[Notice]) -> None:
+        """A digest that could not be sent: merge its notices back in front."""
+        for notice in notices:
+            newer = self.by_key.get(notice.key) if notice.key is not None else None
+            if newer is not None:  # a repeat arrived meanwhile: the older notice absorbs it
+                for item in newer.carried:
+                    notice.add(item, newer.first_at, newer.last_ns)
+                self.pending.remove(newer)
+            if notice.key is not None:
+                self.by_key[notice.key] = notice
+            self.arrived(notice.rank, notice.first_at)
+        self.pending[:0] = notices
+
+    def next_window_end(self) -> float:
+        return self.window_ends[0][0] if self.window_ends else math.inf
 
 
 class _RateLimiter:
@@ -154,8 +223,12 @@ def _code(exc: PermanentDelivery) -> str:
     return str(exc.status) if exc.status is not None else "rejected"
 
 
+def _failure_detail(failures: dict[str, PermanentDelivery]) -> str:
+    return "; ".join(f"{mask_phone(n)}: {exc}" for n, exc in failures.items())
+
+
 class WhatsAppSink:
-    """Delivers outbox events as WhatsApp messages; see the module docstring."""
+    """Delivers outbox events as WhatsApp digests; see the module docstring."""
 
     def __init__(
         self,
@@ -179,10 +252,8 @@ class WhatsAppSink:
         self._max_in_flight = max(1, max_in_flight)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._limiter = _RateLimiter(self._wa.max_per_second, clock)
-        self._queues: dict[str, deque[_Message]] = {}
-        self._workers: set[str] = set()
-        self._next_slot: dict[str, float] = {}
-        self._windows: dict[_Key, _Window] = {}
+        self._numbers: dict[str, _Number] = {}
+        self._seq = 0
         self._in_flight = 0
         self._room = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -198,13 +269,18 @@ class WhatsAppSink:
         """run() ended: forget what was in flight (still pending in the outbox)."""
         self._nursery = self._acks = None
         self._running = trio.Event()
-        for queue in self._queues.values():
-            for message in queue:
-                message.aborted = True
-                message.done.set()
-        self._queues.clear()
-        self._workers.clear()
-        self._windows.clear()
+        for n in self._numbers.values():
+            held = [w.held for *_, w in n.window_ends if w.held is not None]
+            for notice in (*n.sending, *n.pending, *held):
+                for item in notice.carried:
+                    if isinstance(item, _Direct):
+                        item.aborted = True
+                        item.done.set()
+            n.take()
+            n.sending = []
+            n.windows.clear()
+            n.window_ends.clear()
+            n.working = False
         self._in_flight = 0
 
     # -- public -------------------------------------------------------------
@@ -232,48 +308,49 @@ class WhatsAppSink:
             self._stopped()
 
     async def send_now(self, to: Sequence[str], text: str) -> None:
-        """Send ``text`` to each number, behind the same spacing and rate limits.
+        """Send ``text`` to each number in its next slot (with whatever else waits for it).
 
         Waits for :meth:`run` to be running. Returns once every number got it or
         refused it for good; raises PermanentDelivery when every number refused
         it, TransientDelivery when the sink stopped first. Transient failures are
         retried forever: bound the wait with ``move_on_after``; a cancelled
-        caller leaves the message queued (it is still sent).
+        caller leaves the text queued (it is still sent).
         """
         recipients = _unique(to)
         if not recipients:
             return
         await self._running.wait()
-        message = _Message("direct", recipients, ready_at=self._clock(), text=text)
-        self._enqueue(message)
-        await message.done.wait()
-        if message.aborted:
+        direct = self._add_direct(recipients, text)
+        await direct.done.wait()
+        if direct.aborted:
             raise TransientDelivery("the WhatsApp sink stopped before sending", sink=SINK)
-        if message.failures and not message.sent_to:
-            first = next(iter(message.failures.values()))
+        if direct.failures and not direct.sent_to:
+            first = next(iter(direct.failures.values()))
             raise PermanentDelivery(
-                f"no recipient accepted the message: {self._failure_detail(message)}",
+                f"no recipient accepted the message: {_failure_detail(direct.failures)}",
                 sink=SINK,
                 status=first.status,
             ) from first
 
     async def post(self, to: Sequence[str], text: str) -> None:
         """Queue ``text`` for each number and return at once (command replies,
-        escalations): posts keep their order per number, and a number held back
-        by the 6 s spacing never holds up the caller. Failures are logged by the
-        delivery itself."""
+        escalations): it goes out in the number's next slot, in one digest with
+        whatever else waits (so many escalations at once are one message), and a
+        number held back by the 6 s spacing never holds up the caller. Failures
+        are logged by the delivery itself."""
         recipients = _unique(to)
         if not recipients:
             return
         await self._running.wait()
-        self._enqueue(_Message("direct", recipients, ready_at=self._clock(), text=text))
+        self._add_direct(recipients, text)
 
     def statistics(self) -> SinkStatistics:
+        busy = [n for n in self._numbers.values() if n.pending or n.window_ends]
         return SinkStatistics(
             in_flight=self._in_flight,
-            queued=sum(len(q) for q in self._queues.values()),
-            numbers=len(self._queues),
-            windows=len(self._windows),
+            queued=sum(len(n.pending) for n in busy),
+            numbers=len(busy),
+            windows=sum(1 for n in busy for *_, w in n.window_ends if w.held is not None),
         )
 
     def recipients(self, event: Event) -> tuple[str, ...]:
@@ -299,209 +376,278 @@ class WhatsAppSink:
             if skipped:
                 await self._acks.send(_AckJob(skipped, "skipped"))
 
-    def _key(self, event: Event) -> _Key | None:
-        if event.prueba or event.tipo not in COALESCED_TIPOS or self._wa.dedup_window <= 0:
-            return None
-        d = event.detail
-        return (
-            event.empresa,
-            event.sede,
-            event.tipo,
-            d.get("tipo_alarma", ""),
-            d.get("descripcion", ""),
-        )
-
     def _accept(self, entry: EntryLike) -> bool:
-        """Route one entry into a message; False when it needs no WhatsApp message."""
+        """Put one entry in front of each recipient; False when it needs no WhatsApp."""
         event = entry.event
         if not texts.notifies(event):
             return False
         recipients = self.recipients(event)
         if not recipients:
             return False
+        tracked = _Tracked(entry, recipients)
         empresa = self._settings.empresa(event.empresa) if event.empresa else None
+        key = repeat_key(event) if self._wa.dedup_window > 0 else None
+        holdable = key is not None and event.origen != "watchdog"
+        notice_rank = rank(event)
         now = self._clock()
-        key = self._key(event)
-        if key is None:
-            message = _Message("alert", recipients, ready_at=now, event=event, empresa=empresa)
-            message.add(entry, now)
-            self._enqueue(message)
-            return True
-        window = self._windows.get(key)
-        if window is not None and now < window.end:
-            if not window.message.sealed:
-                window.message.add(entry, now)
-            else:
-                if window.summary is None:
-                    window.summary = _Message(
-                        "summary", recipients, ready_at=window.end, event=event, empresa=empresa
-                    )
-                window.summary.add(entry, now)
-            return True
-        message = _Message(
-            "alert", recipients, ready_at=now + GATHER_DELAY, event=event, empresa=empresa
-        )
-        message.add(entry, now)
-        window = _Window(message, end=now + self._wa.dedup_window)
-        self._windows[key] = window
-        assert self._nursery is not None
-        self._nursery.start_soon(self._close_window, key, window)
-        self._enqueue(message)
+        for number in recipients:
+            n = self._number(number)
+            if holdable and self._hold(n, key, event, empresa, tracked, now):
+                continue
+            notice = n.by_key.get(key) if key is not None else None
+            if notice is None:
+                notice = Notice(notice_rank, self._next_seq(), key, event=event, empresa=empresa)
+                n.pending.append(notice)
+                if key is not None:
+                    n.by_key[key] = notice
+            notice.add(tracked, now, event.received_ns)
+            n.arrived(notice_rank, now)
+            self._wake(n)
         return True
 
-    async def _close_window(self, key: _Key, window: _Window) -> None:
-        await _sleep_until(window.end, self._clock)
-        if self._windows.get(key) is window:
-            del self._windows[key]
-        summary = window.summary
-        if summary is not None and summary.entries:
-            summary.ready_at = self._clock()
-            self._enqueue(summary)
+    def _hold(
+        self,
+        n: _Number,
+        key: RepeatKey | None,
+        event: Event,
+        empresa: Empresa | None,
+        tracked: _Tracked,
+        now: float,
+    ) -> bool:
+        """A repeat of what this number was told within dedup_window: held for the summary."""
+        assert key is not None
+        window = n.windows.get(key)
+        if window is None:
+            return False
+        if now >= window.end:
+            if window.held is None:
+                del n.windows[key]
+            return False
+        if window.held is None:
+            window.held = Notice(STATUS, self._next_seq(), event=event, empresa=empresa)
+            window.held.summary = True
+            heapq.heappush(n.window_ends, (window.end, window.held.seq, key, window))
+        window.held.add(tracked, now, event.received_ns)
+        self._wake(n)
+        return True
+
+    def _add_direct(self, recipients: tuple[str, ...], text: str) -> _Direct:
+        direct = _Direct(recipients)
+        now = self._clock()
+        for number in recipients:
+            n = self._number(number)
+            notice = Notice(0, self._next_seq(), text=text)
+            notice.add(direct, now, 0)
+            n.pending.append(notice)
+            n.arrived(notice.rank, now)
+            self._wake(n)
+        return direct
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _number(self, number: str) -> _Number:
+        n = self._numbers.get(number)
+        if n is None:
+            n = self._numbers[number] = _Number(number)
+        return n
+
+    def _wake(self, n: _Number) -> None:
+        if n.working:
+            n.changed.set()
+            return
+        assert self._nursery is not None
+        n.working = True
+        self._nursery.start_soon(self._number_worker, n)
 
     # -- sending ------------------------------------------------------------
 
-    def _enqueue(self, message: _Message) -> None:
-        assert self._nursery is not None
-        for number in message.recipients:
-            self._queues.setdefault(number, deque()).append(message)
-            if number not in self._workers:
-                self._workers.add(number)
-                self._nursery.start_soon(self._number_worker, number)
-
-    async def _number_worker(self, number: str) -> None:
-        queue = self._queues[number]
+    async def _number_worker(self, n: _Number) -> None:
         try:
-            while queue:
-                message = queue[0]
-                not_before = max(message.ready_at, self._next_slot.get(number, -math.inf))
-                await _sleep_until(not_before, self._clock)
-                await self._deliver(message, number)
-                queue.popleft()
+            while True:
+                now = self._clock()
+                self._release_windows(n, now)
+                target = max(n.ready_at(), n.next_slot) if n.pending else math.inf
+                target = min(target, n.next_window_end())
+                if target == math.inf:
+                    return
+                if target > now:
+                    n.changed = trio.Event()
+                    with trio.move_on_after(target - now):
+                        await n.changed.wait()
+                    continue
+                if n.pending:
+                    await self._send(n)
         finally:
-            self._workers.discard(number)
-            if not queue and self._queues.get(number) is queue:
-                del self._queues[number]
+            n.working = False
 
-    def _seal(self, message: _Message) -> None:
-        message.sealed = True
-        event = message.event
-        if event is None:
-            return
-        span = message.last_at - message.first_at
-        if message.kind == "summary":
-            message.text = texts.summary_text(
-                event, message.empresa, len(message.entries), last_ns=message.last_ns
-            )
-            place, what, _ = texts.template_params(event, message.empresa)
-            message.params = (place, what, message.text.rsplit(" · ", 1)[-1])
-        else:
-            count = len(message.entries)
-            message.text = texts.event_text(event, message.empresa, count=count, span_seconds=span)
-            message.params = texts.template_params(
-                event, message.empresa, count=count, span_seconds=span
-            )
+    def _release_windows(self, n: _Number, now: float) -> None:
+        """Repeat windows that ended: their held repeats become a pending summary."""
+        while n.window_ends and n.window_ends[0][0] <= now:
+            _, _, key, window = heapq.heappop(n.window_ends)
+            if n.windows.get(key) is window:  # else already released (evicted, replaced)
+                del n.windows[key]
+            if window.held is not None:
+                self._release(n, window.held, now)
+                window.held = None
+        while n.windows:  # forget expired windows that hold nothing (oldest first)
+            key, window = next(iter(n.windows.items()))
+            if window.held is not None or window.end > now:
+                break
+            del n.windows[key]
 
-    async def _deliver(self, message: _Message, number: str) -> None:
-        if not message.sealed:
-            self._seal(message)
-        attempt = 0
-        while True:
+    def _release(self, n: _Number, held: Notice, now: float) -> None:
+        n.pending.append(held)
+        n.arrived(held.rank, now)
+        self._wake(n)
+
+    def _remember(self, n: _Number, notices: list[Notice], now: float) -> None:
+        """Open a repeat window for each notice just sent to ``n``."""
+        window = self._wa.dedup_window
+        for notice in notices:
+            if notice.key is None or notice.summary or notice.watchdog_state is not None:
+                continue
+            old = n.windows.pop(notice.key, None)
+            if old is not None and old.held is not None:  # an ended window not yet released
+                self._release(n, old.held, now)
+                old.held = None
+            n.windows[notice.key] = _Window(now + window)
+            while len(n.windows) > MAX_RECENT:
+                _, oldest = n.windows.popitem(last=False)
+                if oldest.held is not None:
+                    self._release(n, oldest.held, now)
+                    oldest.held = None
+
+    async def _send(self, n: _Number) -> None:
+        number = n.number
+        notices = n.sending = n.take()
+        message = render(notices)
+        try:
             await self._limiter.acquire()
             started = self._clock()
-            try:
-                sent_id = await self._sender.send_text(
-                    number, message.text, template_params=message.params
-                )
-            except TransientDelivery as exc:
-                delay = self._backoff(attempt, exc.retry_after)
-                attempt += 1
-                if self._metrics is not None:
-                    self._metrics.retries.labels(sink=SINK).inc()
-                logger.warning(
-                    "WhatsApp to %s failed (%s); retry %d in %.1f s",
-                    mask_phone(number),
-                    exc,
-                    attempt,
-                    delay,
-                )
-                await trio.sleep(delay)
-                continue
-            except PermanentDelivery as exc:
-                logger.error("WhatsApp to %s refused for good: %s", mask_phone(number), exc)
-                message.failures[number] = exc
-                self._observe(message, number, None, str(exc))
+            sent_id = await self._sender.send_text(
+                number, message.text, template_params=message.params
+            )
+        except TransientDelivery as exc:
+            n.sending = []
+            n.put_back(notices)
+            if isinstance(exc, WhatsAppThrottled):  # Meta's own pacing: honour it
+                delay = max(self._wa.min_interval, exc.retry_after or 0.0)
             else:
-                self._next_slot[number] = started + self._wa.min_interval
-                first = not message.sent_to
-                message.sent_to.add(number)
-                if self._metrics is not None:
-                    self._metrics.whatsapp_sent.labels(kind=message.kind).inc()
-                logger.debug("WhatsApp %s sent to %s", message.kind, mask_phone(number))
-                self._observe(message, number, sent_id, None)
-                if first:
-                    self._notified(message)
-            break
-        message.pending.discard(number)
-        if not message.pending:
-            await self._finish(message)
+                if n.retries is None:
+                    n.retries = backoff.delays(RETRY_BASE_DELAY, RETRY_MAX_DELAY, rng=self._rng)
+                jitter = next(n.retries)
+                delay = exc.retry_after if exc.retry_after is not None else jitter
+            n.next_slot = max(n.next_slot, self._clock() + delay)
+            if self._metrics is not None:
+                self._metrics.retries.labels(sink=SINK).inc()
+            logger.warning(
+                "WhatsApp to %s failed (%s); retry in %.1f s", mask_phone(number), exc, delay
+            )
+            return
+        except PermanentDelivery as exc:
+            n.sending = []
+            logger.error("WhatsApp to %s refused for good: %s", mask_phone(number), exc)
+            n.retries = None
+            await self._done(notices, number, None, exc)
+            return
+        n.sending = []
+        n.retries = None
+        n.next_slot = started + self._wa.min_interval
+        if self._metrics is not None:
+            self._metrics.whatsapp_sent.labels(kind=message.kind).inc()
+        logger.debug(
+            "WhatsApp %s (%d notices) sent to %s", message.kind, len(notices), mask_phone(number)
+        )
+        self._remember(n, notices, self._clock())
+        await self._done(notices, number, sent_id, None)
+
+    async def _done(
+        self,
+        notices: list[Notice],
+        number: str,
+        sent_id: str | None,
+        failure: PermanentDelivery | None,
+    ) -> None:
+        """One message to ``number`` is finished: settle everything it carried."""
+        ids: list[str] = []
+        finished: list[_Tracked] = []
+        for notice in notices:
+            for item in notice.carried:
+                if isinstance(item, _Direct):
+                    self._settle_direct(item, number, failure)
+                    continue
+                assert isinstance(item, _Tracked)
+                ids.append(item.entry.event.id)
+                item.pending.discard(number)
+                if failure is None:
+                    item.sent_to.add(number)
+                    if not notice.summary:
+                        self._notified(item)
+                else:
+                    item.failures[number] = failure
+                if not item.pending:
+                    finished.append(item)
+        if ids:
+            self._observe(number, sent_id, ids, failure)
+        if finished:
+            await self._finish(finished)
+
+    def _settle_direct(
+        self, direct: _Direct, number: str, failure: PermanentDelivery | None
+    ) -> None:
+        direct.pending.discard(number)
+        if failure is None:
+            direct.sent_to.add(number)
+        else:
+            direct.failures[number] = failure
+        if not direct.pending:
+            direct.done.set()
 
     def _observe(
-        self, message: _Message, number: str, sent_id: str | None, failure: str | None
+        self, number: str, sent_id: str | None, ids: list[str], failure: PermanentDelivery | None
     ) -> None:
-        if self._observer is None or not message.entries:
+        if self._observer is None:
             return
-        ids = [entry.event.id for entry in message.entries]
         try:
             if failure is None:
                 self._observer.sent(number, sent_id, ids)
             else:
-                self._observer.failed(number, ids, failure)
+                self._observer.failed(number, ids, str(failure))
         except Exception:
             logger.exception("delivery observer failed for %s", mask_phone(number))
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return max(0.0, retry_after)
-        ceiling = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2.0**attempt)
-        return self._rng.uniform(0.0, ceiling)
-
-    def _notified(self, message: _Message) -> None:
-        event = message.event
-        if (
-            self._on_notified is None
-            or message.kind != "alert"
-            or event is None
-            or event.prueba
-            or event.tipo not in NOTIFIED_TIPOS
-        ):
+    def _notified(self, item: _Tracked) -> None:
+        event = item.entry.event
+        if item.notified or self._on_notified is None:
+            return
+        item.notified = True
+        if event.prueba or event.tipo not in NOTIFIED_TIPOS:
             return
         try:
             self._on_notified(event)
         except Exception:
             logger.exception("on_notified hook failed for event %s", event.id)
 
-    def _failure_detail(self, message: _Message) -> str:
-        return "; ".join(f"{mask_phone(n)}: {exc}" for n, exc in message.failures.items())
-
-    async def _finish(self, message: _Message) -> None:
-        message.done.set()
-        if not message.entries:
-            return
+    async def _finish(self, finished: list[_Tracked]) -> None:
         assert self._acks is not None
-        if message.sent_to or not message.failures:
+        ok = [t for t in finished if t.sent_to or not t.failures]
+        if ok:
             now_ns = time.time_ns()
             if self._metrics is not None:
-                self._metrics.delivered.labels(sink=SINK).inc(len(message.entries))
+                self._metrics.delivered.labels(sink=SINK).inc(len(ok))
                 hist = self._metrics.delivery_seconds.labels(sink=SINK)
-                for entry in message.entries:
-                    if entry.event.received_ns:
-                        hist.observe(max(0.0, (now_ns - entry.event.received_ns) / 1e9))
-            await self._acks.send(_AckJob(message.entries, "ok"))
-            return
-        first = next(iter(message.failures.values()))
-        detail = self._failure_detail(message)
-        for entry in message.entries:
-            await self._acks.send(_AckJob((entry,), "failed", f"whatsapp_{_code(first)}", detail))
+                for t in ok:
+                    if t.entry.event.received_ns:
+                        hist.observe(max(0.0, (now_ns - t.entry.event.received_ns) / 1e9))
+            await self._acks.send(_AckJob([t.entry for t in ok], "ok"))
+        for t in finished:
+            if t.sent_to or not t.failures:
+                continue
+            first = next(iter(t.failures.values()))
+            detail = _failure_detail(t.failures)
+            await self._acks.send(_AckJob((t.entry,), "failed", f"whatsapp_{_code(first)}", detail))
 
     # -- acknowledging ------------------------------------------------------
 
@@ -509,18 +655,20 @@ class WhatsAppSink:
         self, delivery: Delivery[Any], receive: trio.MemoryReceiveChannel[_AckJob]
     ) -> None:
         """The one task that talks back to the outbox, in completion order."""
+        retries: Iterator[float] | None = None
         async for job in receive:
-            attempt = 0
             while True:
                 try:
                     if job.outcome == "failed":
                         await delivery.dead_letter(job.entries[0], job.reason, job.detail)
                     else:
                         await delivery.ack(job.entries, job.outcome)
+                    retries = None
                     break
                 except RedisError as exc:
-                    delay = self._backoff(attempt, None)
-                    attempt += 1
+                    if retries is None:
+                        retries = backoff.delays(RETRY_BASE_DELAY, RETRY_MAX_DELAY, rng=self._rng)
+                    delay = next(retries)
                     logger.warning("whatsapp ack failed (%s); retry in %.1f s", exc, delay)
                     await trio.sleep(delay)
             self._in_flight -= len(job.entries)
