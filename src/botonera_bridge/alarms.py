@@ -345,18 +345,19 @@ class AlarmBook:
         s = self._semaforos.get(empresa)
         return (s.colour, s.since) if s is not None else None
 
-    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+    def snapshot(self, unconfigured_limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
         """Plain data for ``/api/status`` and the status page: empresa -> alarms.
 
         Unacknowledged alarms first (newest first), then acknowledged ones still on
         the board (newest acknowledgement first). Each alarm is ``{"id", "tipo",
         "tipo_alarma", "descripcion", "sede", "dispositivo", "desde" (RFC 3339),
         "avisos" (reminders sent), "acuse": None | {"por" (masked number), "en"}}``.
-        Empresa ``""`` collects alarms whose panel named no empresa.
+        Empresa ``""`` collects alarms whose panel named no empresa. With
+        ``unconfigured_limit``, only that many of the :data:`UNCONFIGURED` bucket.
         """
         self._prune(self.clock())
         out: dict[str, list[dict[str, Any]]] = {}
-        for mine in self._buckets.values():  # bounded: MAX_PER_EMPRESA per bucket
+        for key, mine in self._buckets.items():  # bounded: MAX_PER_EMPRESA per bucket
             opened = sorted(
                 (a for a in mine.values() if not a.acked),
                 key=lambda a: (a.opened_at, a.received_ns, a.id),
@@ -367,9 +368,15 @@ class AlarmBook:
                 key=lambda a: (a.acked_at or 0.0, a.id),
                 reverse=True,
             )
-            for a in opened + acked:
+            shown = opened + acked
+            if key == UNCONFIGURED and unconfigured_limit is not None:
+                shown = shown[:unconfigured_limit]
+            for a in shown:
                 out.setdefault(a.empresa, []).append(_public(a))
         return dict(sorted(out.items()))
+
+    def bucket_size(self, key: str) -> int:
+        return len(self._buckets.get(key, {}))
 
     def open_count(self) -> int:
         return sum(1 for a in self._alarms.values() if not a.acked)

@@ -152,7 +152,7 @@ class Bridge:
 
     # -- status --------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        empresas = empresas_view(self.settings, self.watchdog.devices, self.book, self.timelines)
+        empresas = empresas_view(self.settings, self.watchdog.devices_of, self.book, self.timelines)
         h = self.health
         comp = {
             c: {"up": bool(h.up.get(c)), "detalle": h.why_down.get(c, "")}

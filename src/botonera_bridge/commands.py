@@ -450,6 +450,7 @@ async def escalate(ctx: CommandContext, now: float) -> int:
     for alarm in due:
         by_empresa.setdefault(alarm.empresa, []).append(alarm)
     _log_escalations(ctx, due, total)
+    messages = {"contacts": 0, "central": 0}
     async with trio.open_nursery() as nursery:  # one slow number must not delay the others
         for empresa, alarms in by_empresa.items():
             contacts = _contacts(ctx, empresa)
@@ -465,6 +466,7 @@ async def escalate(ctx: CommandContext, now: float) -> int:
                 text = _digest(ctx, f"⚠️ SIN ATENDER — {len(alarms)} alarmas", alarms, total)
                 text += "\nResponda ACK <código> para marcar una como atendida."
             _record(ctx, alarms, "recordatorio", len(contacts))
+            messages["contacts"] += len(contacts)
             nursery.start_soon(_send, ctx, contacts, text)
         groups: dict[tuple[OpenAlarm, ...], list[str]] = {}
         for number in ctx.settings.central:
@@ -480,18 +482,22 @@ async def escalate(ctx: CommandContext, now: float) -> int:
             else:
                 text = _digest(ctx, f"⚠️ SIN ATENDER — {len(alarms_t)} alarmas", alarms_t, total)
             _record(ctx, alarms_t, "recordatorio", len(numbers))
+            messages["central"] += len(numbers)
             nursery.start_soon(_send, ctx, numbers, text)
+    log.info(
+        "escalation round: %d alarms unattended; %d messages to contacts, %d to %d central numbers",
+        len(due),
+        messages["contacts"],
+        messages["central"],
+        len(ctx.settings.central),
+    )
     return len(due)
 
 
 def _log_escalations(ctx: CommandContext, due: Sequence[OpenAlarm], total: int) -> None:
     central = len(ctx.settings.central)
     if len(due) > LOG_EACH_UP_TO:
-        log.warning(
-            "%d alarms unattended: reminders sent as digests (%d central numbers)",
-            len(due),
-            central,
-        )
+        log.warning("%d alarms unattended: reminders sent as digests", len(due))
         return
     for alarm in due:
         contacts = _contacts(ctx, alarm.empresa)

@@ -387,7 +387,7 @@ async def test_many_unconfigured_empresas_share_one_bucket_and_one_digest(
     assert len(ctx.book._alarms) <= alarms.MAX_PER_EMPRESA  # noqa: SLF001 - the bound itself
     assert ctx.book.bucket("nueva7") == UNCONFIGURED
     assert ctx.book.open_alarms("cota") == []
-    view = empresas_view(SETTINGS, list, ctx.book, None)
+    view = empresas_view(SETTINGS, lambda empresas: [], ctx.book, None)
     block = view[-1]
     assert block["id"] == UNCONFIGURED
     assert len(block["alarmas"]) <= 50

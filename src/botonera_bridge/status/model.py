@@ -11,7 +11,7 @@ its timeline is kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final, Protocol
 
 from ..alarms import UNCONFIGURED, AlarmBook
@@ -41,24 +41,26 @@ class DeviceView(Protocol):
 
 def empresas_view(
     settings: Settings,
-    devices: Callable[[], Iterable[DeviceView]],
+    devices: Callable[[Collection[str]], Iterable[DeviceView]],
     book: AlarmBook,
     timelines: Timelines | None,
 ) -> list[dict[str, Any]]:
+    """``devices(empresas)`` gives the devices of those empresas (``Watchdog.devices_of``)."""
     configured = {e.id for e in settings.empresas}
     per_empresa: dict[str, list[DeviceView]] = {e: [] for e in configured}
-    for d in devices():
+    for d in devices(configured):
         mine = per_empresa.get(d.empresa)
         if mine is not None:
             mine.append(d)
-    board = book.snapshot()
+    board = book.snapshot(unconfigured_limit=MAX_UNCONFIGURED_SHOWN)
     out = []
     for e in settings.empresas:
         sem = book.semaforo(e.id)
         mine = per_empresa[e.id]
-        if len(mine) > MAX_DEVICES_SHOWN:
+        if len(mine) > MAX_DEVICES_SHOWN:  # offline first, then by key
             mine.sort(key=lambda d: (d.state == "online", d.key))
             mine = mine[:MAX_DEVICES_SHOWN]
+        mine.sort(key=lambda d: d.key)
         out.append(
             {
                 "id": e.id,
@@ -91,7 +93,7 @@ def empresas_view(
             "semaforo": None,
             "devices": [],
             "alarmas": _with_reach(others[:MAX_UNCONFIGURED_SHOWN], timelines),
-            "alarmas_total": len(others),
+            "alarmas_total": book.bucket_size(UNCONFIGURED),
         }
         out.append(block)
     return out
