@@ -4,7 +4,10 @@ webhooks in, pair-rate test server out) and WAHA ``message.ack`` over the WebSoc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +22,9 @@ CENTRAL = "+573009990000"
 SECRET = "test-app-secret-3f9a"  # noqa: S105 - a test value
 VERIFY = "test-verify-token-77"  # noqa: S105 - a test value
 STATUS_TOKEN = "test-status-token-1"  # noqa: S105 - a test value
+CHROMIUM = (
+    "/usr/bin/chromium"  # the page check runs where CI installs it (apt-get install chromium)
+)
 
 
 @pytest.fixture
@@ -55,7 +61,21 @@ def timeline(bridge: BridgeProc, event_id: str, token: str = "") -> dict[str, An
     return json.loads(body)
 
 
-def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher):
+def page_dom(bridge: BridgeProc, tmp_path: Path) -> str:
+    url = f"http://127.0.0.1:{bridge.status_port}/?token={STATUS_TOKEN}"
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000",
+        "--dump-dom", url,
+    ]  # fmt: skip
+    env = dict(os.environ, HOME=str(tmp_path))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     """Must-show 10.7."""
     ids = record_message_ids(wa)
     bridge = bridge_factory(
@@ -96,6 +116,12 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher):
     a_digits, b_digits = ANA.lstrip("+"), BETO.lstrip("+")
     assert meta.status(msg_of[a_digits], "delivered", a_digits)[0] == 200
     assert meta.status(msg_of[a_digits], "read", a_digits)[0] == 200
+
+    # the status page in a real browser: the open alarm's reached / read / taken line
+    if os.access(CHROMIUM, os.X_OK):
+        wait_until(lambda: open_alarm(bridge, STATUS_TOKEN).get("leidos") == 1, 5, "read")
+        dom = page_dom(bridge, tmp_path)
+        assert 'data-testid="alarm-reach">avisados 2 · leído por 1 · sin atender<' in dom
 
     # an ACK with a wrong signature: 403 and nothing happens
     ack_id = "wamid.HBgMNTczMDA0NDQ1NTY2FQIAEhggQUNLMDAwMDAx"

@@ -357,3 +357,47 @@ async def test_page_shows_bridge_errors(tmp_path: Path) -> None:
         dom = await run_chromium(chromium_cmd(tmp_path / "p", "--dump-dom", f"{url}/"), tmp_path)
     assert "El puente respondió 500" in dom
     assert 'class="stale"' in dom
+
+
+def reach_snapshot() -> dict[str, Any]:
+    snap = sample_snapshot()
+    cota = snap["empresas"][0]
+    cota["alarmas"][0] |= {"avisados": 2, "leidos": 1}
+    cota["alarmas"][1] |= {"avisados": 3, "leidos": 2}
+    snap["empresas"].append(
+        {
+            "id": "sin_configurar",
+            "nombre": "Empresas sin configurar",
+            "semaforo": None,
+            "devices": [],
+            "alarmas": [
+                {
+                    "id": "u1",
+                    "empresa": "bogota",
+                    "tipo_alarma": "CRITICA",
+                    "descripcion": "Sin configurar",
+                    "desde": ago(30),
+                    "acuse": None,
+                    "avisados": 1,
+                    "leidos": 0,
+                }
+            ],
+            "alarmas_total": 180,
+        }
+    )
+    return snap
+
+
+@NEEDS_CHROMIUM
+async def test_page_shows_reached_read_taken_per_alarm(tmp_path: Path) -> None:
+    """Issue 10, must-show 10: per open alarm 'avisados N · leído por M · atendida por X'."""
+    async with serving(snapshot=reach_snapshot) as url:
+        dom = await run_chromium(chromium_cmd(tmp_path / "p", "--dump-dom", f"{url}/"), tmp_path)
+    reach = 'data-testid="alarm-reach">'
+    assert f"{reach}avisados 2 · leído por 1 · sin atender</div>" in dom
+    assert f"{reach}avisados 3 · leído por 2 · atendida por +57******2233</div>" in dom
+    assert f"{reach}avisados 1 · leído por 0 · sin atender</div>" in dom
+    assert "ALARMA CRITICA — bogota" in dom
+    assert "Alarmas abiertas (180)" in dom
+    # an alarm without a timeline shows no reach line (older bridge, nothing tracked)
+    assert dom.count(reach) == 3
