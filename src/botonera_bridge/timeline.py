@@ -86,7 +86,9 @@ def _hora(iso: Any) -> str:
 
 def render(data: dict[str, Any]) -> str:
     """The timeline as Spanish text, one fact a line."""
-    what = " ".join(p for p in (str(data.get("tipo_alarma", "")), str(data.get("tipo", ""))) if p)
+    what = str(data.get("tipo_alarma") or "")
+    if data.get("tipo") == "semaforos":
+        what = f"SEMÁFORO {what}"
     place = str(data.get("empresa") or "empresa sin identificar")
     if data.get("sede"):
         place += f" (sede {data['sede']})"
