@@ -168,6 +168,10 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     assert missing.returncode == 1
     assert "no conoce la alarma" in missing.stderr
 
+    config = bridge.cli("check-config", "--offline", timeout=30)
+    assert config.returncode == 0, config.stderr
+    assert SECRET not in config.stdout
+    assert VERIFY not in config.stdout
     log = bridge.log_text()
     assert SECRET not in log
     for number in (ANA, BETO):

@@ -18,7 +18,7 @@ import trio.testing
 from botonera_bridge import alarms
 from botonera_bridge.alarms import UNCONFIGURED, AlarmBook
 from botonera_bridge.commands import CommandContext, escalate, escalation_loop
-from botonera_bridge.config import from_mapping
+from botonera_bridge.config import from_mapping, masked
 from botonera_bridge.messages import Event, decode
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.receipts import MAX_RECIPIENTS, Receipt, Timelines
@@ -416,3 +416,21 @@ async def test_the_whole_board_has_a_cap() -> None:
         book.observe(alarm(f"e{n % 20}", n))
     assert len(book._alarms) <= 500  # noqa: SLF001 - the bound itself
     assert all(len(book.open_alarms(f"e{i}")) > 0 for i in range(20))
+
+
+def test_webhook_config_keys_env_file_and_masking(tmp_path: Path) -> None:
+    secret_file = tmp_path / "app-secret"
+    secret_file.write_text("from-a-file\n")
+    s = from_mapping(
+        {"whatsapp": {"app_secret_file": str(secret_file)}},
+        env={"WHATSAPP_VERIFY_TOKEN": "vt-from-env"},
+    )
+    assert s.whatsapp.app_secret == "from-a-file"  # noqa: S105 - test values
+    assert s.whatsapp.verify_token == "vt-from-env"  # noqa: S105 - test values
+    assert s.escalation.unread_after == 120.0
+    env = from_mapping({}, env={"WHATSAPP_APP_SECRET": "from-env"})
+    assert env.whatsapp.app_secret == "from-env"  # noqa: S105 - test values
+    shown = json.dumps(masked(s))
+    assert "from-a-file" not in shown
+    assert "vt-from-env" not in shown
+    assert masked(s)["whatsapp"]["app_secret"] == "****"  # noqa: S105 - test values
