@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,52 @@ async def test_token_required_everywhere_but_healthz() -> None:
             assert (await client.get("/", params={"token": "ñandú"})).status_code == 401
             accented = {"Authorization": "Bearer ñandú".encode()}
             assert (await client.get("/readyz", headers=accented)).status_code == 401
+
+
+async def test_webhook_and_alarm_routes() -> None:
+    """/webhooks/whatsapp needs no status token (its signature authenticates it);
+    /api/alarms/<id> does; bodies are bounded."""
+    import hashlib
+    import hmac
+
+    from botonera_bridge.webhook import MAX_BODY, Webhook
+
+    hook = Webhook(app_secret="s3", verify_token="vt")  # noqa: S106 - test values
+    timelines = {"ev1": {"id": "ev1", "avisados": 1}}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = b'{"object":"whatsapp_business_account","entry":[]}'
+    good = "sha256=" + hmac.new(b"s3", body, hashlib.sha256).hexdigest()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            (url,) = await nursery.start(
+                partial(
+                    serve_status, "127.0.0.1:0", metrics=Metrics(), health=Health(60),
+                    snapshot=sample_snapshot, token=TOKEN, alarm=timelines.get, webhook=hook,
+                )
+            )  # fmt: skip
+            async with httpx.AsyncClient(base_url=url) as client:
+                q = {"hub.mode": "subscribe", "hub.verify_token": "vt", "hub.challenge": "99"}
+                r = await client.get("/webhooks/whatsapp", params=q)
+                assert (r.status_code, r.text) == (200, "99")
+                bad = dict(q, **{"hub.verify_token": "no"})
+                assert (await client.get("/webhooks/whatsapp", params=bad)).status_code == 403
+                headers = {"X-Hub-Signature-256": good}
+                r = await client.post("/webhooks/whatsapp", content=body, headers=headers)
+                assert r.status_code == 200
+                r = await client.post("/webhooks/whatsapp", content=body + b" ", headers=headers)
+                assert r.status_code == 403
+                big = b"x" * (MAX_BODY + 1)
+                assert (await client.post("/webhooks/whatsapp", content=big)).status_code == 413
+                assert (await client.put("/webhooks/whatsapp", content=body)).status_code == 405
+                assert (await client.get("/api/alarms/ev1")).status_code == 401
+                r = await client.get("/api/alarms/ev1", headers=auth)
+                assert r.json() == {"id": "ev1", "avisados": 1}
+                assert (await client.get("/api/alarms/nope", headers=auth)).status_code == 404
+                assert (await client.post("/api/alarms/ev1", headers=auth)).status_code == 404
+            nursery.cancel_scope.cancel()
+    # without a webhook configured the routes do not exist
+    async with serving() as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/webhooks/whatsapp")).status_code == 404
 
 
 async def test_page_404_405_head_and_errors() -> None:

@@ -184,7 +184,11 @@ class StatusApp:
         for name, value in scope["headers"]:
             if name == b"x-hub-signature-256":
                 signature = bytes(value).decode("latin-1")
-        status, reply = hook.post(body, signature)
+        try:
+            status, reply = hook.post(body, signature)
+        except Exception:  # a bug: Meta retries a 500 later, nothing is lost
+            log.exception("webhook POST failed")
+            status, reply = 500, b"internal error\n"
         await _respond(send, status, reply, _TEXT)
 
     def _authorized(self, scope: Scope, path: str) -> bool:
