@@ -24,6 +24,7 @@ Replies are Spanish; logs are English and never show a full phone number.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import re
 import time
@@ -148,7 +149,10 @@ async def handle(ctx: CommandContext, msg: Inbound, *, metrics: Metrics | None =
 
 
 def message_ref(message_id: str) -> str:
-    """A message id fit for logs: WAHA ids embed the sender's number ('false_57300…@c.us_X')."""
+    """A message id fit for logs: WAHA ids embed the sender's number ('false_57300…@c.us_X'),
+    Cloud API ids ('wamid.HBgM…') embed it base64-encoded, so those become a short digest."""
+    if message_id.startswith("wamid."):
+        return "wamid#" + hashlib.sha256(message_id.encode()).hexdigest()[:12]
     return _DIGITS.sub(lambda m: mask_phone(m.group()), message_id)
 
 

@@ -174,6 +174,7 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     assert VERIFY not in config.stdout
     log = bridge.log_text()
     assert SECRET not in log
+    assert "HBgMNTczMDA0NDQ1NTY2" not in log  # Cloud ids carry the number base64-encoded
     for number in (ANA, BETO):
         assert number.lstrip("+") not in log
         assert number.lstrip("+") not in out.stdout
