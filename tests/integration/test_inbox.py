@@ -129,3 +129,43 @@ async def test_lanes_are_per_sender_and_bounded() -> None:
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
     assert seen == [A, B, A]
+
+
+async def test_timelines_persist_in_redis_with_the_alarm_board(make_redis) -> None:  # type: ignore[no-untyped-def]
+    """Timelines live in the alarm board's hash: a restart (new store, loaded from the
+    real Redis) finds them, with the message-id index rebuilt for later receipts."""
+    import json
+    import time
+
+    from botonera_bridge.alarms import AlarmBook
+    from botonera_bridge.messages import decode
+    from botonera_bridge.queues.hashes import RedisHashes
+    from botonera_bridge.receipts import Receipt, Timelines
+    from botonera_bridge.state import HashStore
+
+    server: RedisProc = make_redis()
+    payload = json.dumps({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "id": 7}).encode()
+    event = decode(payload, "empresas/cota/principal", time.time_ns(), 65536)[1]
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery, open_redis(server.url) as redis:
+            link = RedisLink(redis)
+            await nursery.start(link.run)
+            store = HashStore("t:alarms", RedisHashes(link))
+            book = AlarmBook(store, escalation_after=300, escalation_max=3)
+            timelines = Timelines(store)
+            timelines.track(book.observe(event))
+            timelines.sent(A, "wamid.SEVEN", [event.id])
+            timelines.backend_result(event.id, 200, True)
+            assert await book.flush()
+
+            again = HashStore("t:alarms", RedisHashes(link))
+            await again.load()
+            restored = Timelines(again)
+            assert restored.summary(event.id) == {"avisados": 1, "leidos": 0}
+            assert restored.receipt(Receipt(message_id="wamid.SEVEN", status="read"))
+            data = restored.public(event.id)
+            assert data is not None
+            assert data["leidos"] == 1
+            assert data["backend"]["status"] == 200
+            assert AlarmBook(again, escalation_after=300, escalation_max=3).get(event.id)
+            nursery.cancel_scope.cancel()

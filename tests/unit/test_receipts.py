@@ -434,3 +434,32 @@ def test_webhook_config_keys_env_file_and_masking(tmp_path: Path) -> None:
     assert "from-a-file" not in shown
     assert "vt-from-env" not in shown
     assert masked(s)["whatsapp"]["app_secret"] == "****"  # noqa: S105 - test values
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "reason"),
+    [
+        (1e300, "invalid_schema"),
+        (18446744073709551616000, "invalid_schema"),
+        (2**63, "invalid_schema"),
+        (-1, "invalid_schema"),
+        ("1741249702", "missing_field"),
+        (float("nan"), "invalid_json"),  # json.dumps writes NaN: not JSON
+    ],
+)
+def test_numeric_fields_are_range_checked_at_decode(timestamp: object, reason: str) -> None:
+    from botonera_bridge.errors import InvalidMessage
+
+    frame = {
+        "event": "message",
+        "payload": {"id": "x1", "from": "573001112233@c.us", "body": "ESTADO"},
+    }
+    frame["payload"]["timestamp"] = timestamp  # type: ignore[index]
+    with pytest.raises(InvalidMessage) as caught:
+        parse_event(json.dumps(frame))
+    assert caught.value.reason == reason
+    huge_id = json.dumps({"id": 10**400, "from": "+573001112233", "body": "x", "timestamp": 1})
+    with pytest.raises(InvalidMessage, match="out of range"):
+        parse_event(huge_id)
+    ok = parse_event(json.dumps(frame | {"payload": frame["payload"] | {"timestamp": 2**63 - 1}}))
+    assert isinstance(ok, Inbound)
