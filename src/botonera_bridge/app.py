@@ -28,8 +28,9 @@ from .commands import CommandContext, escalation_loop, handle
 from .config import Settings
 from .errors import MqttError
 from .health import Health
+from .inbox import GROUP as INBOX_GROUP
 from .inbox import Inbox
-from .messages import Event, now_rfc3339
+from .messages import Event
 from .metrics import Metrics
 from .mqtt import MqttClient, MqttMessage, open_mqtt
 from .outbox import DeadLetters, Outbox
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 RECEIPT_TOPIC: Final = "botonera-bridge/receipts/"
 RECEIPT_PUBLISH_WAIT: Final = 10.0  # seconds
 INTAKE_BUFFER: Final = 512  # MQTT messages between reader and router
-INBOX_GROUP: Final = "workers"
 _receipt_encoder: Final = msgspec.json.Encoder()
 
 
@@ -245,10 +245,6 @@ def _counters(m: Metrics) -> dict[str, float]:
                 label = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 out[f"{sample.name}{{{label}}}" if label else sample.name] = sample.value
     return out
-
-
-def _rfc(wall: float) -> str:
-    return now_rfc3339(int(wall * 1e9))
 
 
 def _webhook(s: Settings, metrics: Metrics) -> Webhook | None:
