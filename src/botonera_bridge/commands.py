@@ -615,6 +615,8 @@ async def escalation_loop(
         while True:
             await escalate(ctx, now_fn())
             await escalate_unread(ctx, now_fn())
+            if ctx.timelines is not None:
+                ctx.timelines.sync()  # same hash as the board: one write-through for both
             if ctx.book.dirty:
                 await ctx.book.flush()
             times = [ctx.book.next_due()]
@@ -624,6 +626,8 @@ async def escalation_loop(
             delay = MAX_TICK if next_due is None else min(MAX_TICK, next_due - now_fn())
             await trio.sleep(max(0.0, delay))
     finally:
+        if ctx.timelines is not None:
+            ctx.timelines.sync()
         if ctx.book.dirty:
             with trio.move_on_after(FINAL_FLUSH_TIMEOUT) as scope:
                 scope.shield = True

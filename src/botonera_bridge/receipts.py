@@ -12,7 +12,9 @@ Bounded: at most :data:`MAX_TIMELINES` alarms (oldest forgotten first), an
 acknowledged alarm is kept :data:`KEEP_CLOSED` (24 h), :data:`MAX_RECIPIENTS`
 recipients and :data:`MAX_ESCALATIONS` escalations per alarm. Persisted in the
 alarm board's hash (field ``t:<event id>``), so Redis keeps it across restarts and
-the memory fallback is the hash's own mirror. Every method is synchronous and O(1)
+the memory fallback is the hash's own mirror: changes are encoded into the hash by
+:meth:`Timelines.sync` (the escalation loop calls it before each write-through,
+about once a second), not on every receipt. Every method is synchronous and O(1)
 per call (the sink calls it on its path), except :meth:`Timelines.unread_due`,
 which walks only the alarms still waiting for a first read.
 
@@ -132,6 +134,7 @@ class Timelines:
         self._lines: OrderedDict[str, Timeline] = OrderedDict()  # oldest first
         self._by_message: dict[str, list[str]] = {}  # provider message id -> event ids
         self._waiting_read: dict[str, float] = {}  # event id -> opened at, not yet read
+        self._unsaved: set[str] = set()  # changed since the last sync()
         self.unmatched = 0  # receipts for messages we do not know (old, or not alarms)
         self._last_sweep = 0.0
         self.reload()
@@ -143,6 +146,7 @@ class Timelines:
         self._lines.clear()
         self._by_message.clear()
         self._waiting_read.clear()
+        self._unsaved.clear()
         found: list[Timeline] = []
         for field, raw in list(self.store.data.items()):
             if not field.startswith(_FIELD):
@@ -181,11 +185,24 @@ class Timelines:
             self._waiting_read.pop(line.id, None)
 
     def _save(self, line: Timeline) -> None:
-        self.store.set(_FIELD + line.id, _encode(line))
+        self._unsaved.add(line.id)
+
+    def sync(self) -> int:
+        """Encode the timelines changed since the last call into the store (whose
+        ``flush`` then writes them through); returns how many."""
+        n = 0
+        for event_id in self._unsaved:
+            line = self._lines.get(event_id)
+            if line is not None:
+                self.store.set(_FIELD + event_id, _encode(line))
+                n += 1
+        self._unsaved.clear()
+        return n
 
     def _forget(self, event_id: str) -> None:
         line = self._lines.pop(event_id, None)
         self._waiting_read.pop(event_id, None)
+        self._unsaved.discard(event_id)
         self.store.delete(_FIELD + event_id)
         if line is None:
             return

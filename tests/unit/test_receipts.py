@@ -159,6 +159,7 @@ async def test_timelines_persist_and_are_bounded() -> None:
         tl.sent(f"+5730099{k:05d}", None, [ids[-1]])
     assert len(line.recipients) == MAX_RECIPIENTS
     # a restart rebuilds the same timelines (and the message-id index) from the hash
+    assert tl.sync() == 10
     again = Timelines(store, clock=trio.current_time, max_timelines=10)
     assert len(again) == 10
     assert again.receipt(Receipt(message_id="wamid.24", status="read"))
