@@ -145,6 +145,12 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     )
     assert told
 
+    # Meta retries a callback it thinks failed: the same message id is handled once
+    assert meta.message(ack_id, b_digits, "ACK")[0] == 200
+    time.sleep(1)
+    assert len([a for a in backend.alerts() if a["tipo_mensaje"] == "acuse"]) == 1
+    assert len([t for t in texts_to(wa, BETO) if "marcada como atendida" in t]) == 1
+
     data = timeline(bridge, event_id, STATUS_TOKEN)
     by_number = {r["numero"]: r for r in data["destinatarios"]}
     assert by_number["+57******2233"]["estado"] == "read"
