@@ -16,6 +16,10 @@ Times come from the injected ``clock`` (wall seconds, so they survive restarts;
 tests pass ``trio.current_time`` under ``autojump_clock``). Acknowledged alarms
 stay visible for :data:`ACKED_TTL`, then are forgotten; at most
 :data:`MAX_PER_EMPRESA` alarms are kept per empresa (acknowledged ones go first).
+Empresas that are not configured (``configured`` says) all share one bucket,
+:data:`UNCONFIGURED`, with the same cap, and the whole board holds at most
+:data:`MAX_ALARMS`: whatever panels send, the board and every read of it stay
+small. Alarms are indexed per bucket, so reading one empresa never scans the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ ACKED_TTL: Final = 24 * 3600.0  # seconds an acknowledged alarm stays on the boa
 MAX_PER_EMPRESA: Final = 200  # alarms kept per empresa
 ALARM_COLOURS: Final = frozenset({"ROJO", "AZUL"})  # semáforos that open an alarm
 MIN_REF: Final = 4  # shortest event-id prefix accepted by acknowledge()
+MAX_ALARMS: Final = 2000  # alarms on the whole board
+UNCONFIGURED: Final = "sin_configurar"  # the one bucket of every unconfigured empresa
 
 _ALARM: Final = "a:"
 _SEMAFORO: Final = "s:"
@@ -92,6 +98,8 @@ class AlarmBook:
         escalation_after: float,
         escalation_max: int,
         clock: Callable[[], float] = time.time,
+        configured: Callable[[str], bool] | None = None,
+        max_alarms: int = MAX_ALARMS,
     ) -> None:
         if escalation_after <= 0:
             raise ValueError("escalation_after must be positive")
@@ -99,8 +107,10 @@ class AlarmBook:
         self.after = escalation_after
         self.max = max(0, escalation_max)
         self.clock = clock
+        self._configured = configured
+        self.max_alarms = max(1, max_alarms)
         self._alarms: dict[str, OpenAlarm] = {}
-        self._per_empresa: Counter[str] = Counter()
+        self._buckets: dict[str, dict[str, OpenAlarm]] = {}
         self._last_sweep = -math.inf
         self._forgotten: Counter[str] = Counter()
         self._warned: dict[str, float] = {}
@@ -112,14 +122,12 @@ class AlarmBook:
     def reload(self) -> None:
         """Rebuild the board from the store's mirror (after ``await store.load()``)."""
         self._alarms.clear()
-        self._per_empresa.clear()
+        self._buckets.clear()
         self._semaforos.clear()
         for field, raw in list(self.store.data.items()):
             try:
                 if field.startswith(_ALARM):
-                    alarm = _decode_alarm(raw)
-                    self._alarms[alarm.id] = alarm
-                    self._per_empresa[alarm.empresa] += 1
+                    self._put(_decode_alarm(raw), write=False)
                 elif field.startswith(_SEMAFORO):
                     self._semaforos[field[len(_SEMAFORO) :]] = _decode_semaforo(raw)
             except msgspec.DecodeError as exc:
@@ -135,17 +143,33 @@ class AlarmBook:
     def dirty(self) -> bool:
         return self.store.dirty > 0
 
-    def _put(self, alarm: OpenAlarm) -> None:
-        if alarm.id not in self._alarms:
-            self._per_empresa[alarm.empresa] += 1
+    def bucket(self, empresa: str) -> str:
+        """Where an empresa's alarms are counted: itself, or :data:`UNCONFIGURED`."""
+        if self._configured is None or self._configured(empresa):
+            return empresa
+        return UNCONFIGURED
+
+    def _put(self, alarm: OpenAlarm, *, write: bool = True) -> None:
         self._alarms[alarm.id] = alarm
-        self.store.set(_ALARM + alarm.id, _encode(alarm))
+        self._buckets.setdefault(self.bucket(alarm.empresa), {})[alarm.id] = alarm
+        if write:
+            self.store.set(_ALARM + alarm.id, _encode(alarm))
 
     def _forget(self, alarm_id: str) -> None:
         gone = self._alarms.pop(alarm_id, None)
         if gone is not None:
-            self._per_empresa[gone.empresa] -= 1
+            key = self.bucket(gone.empresa)
+            mine = self._buckets.get(key)
+            if mine is not None:
+                mine.pop(alarm_id, None)
+                if not mine:
+                    del self._buckets[key]
         self.store.delete(_ALARM + alarm_id)
+
+    def _of(self, empresa: str) -> list[OpenAlarm]:
+        """The alarms of one empresa, from its bucket's index (never the whole board)."""
+        mine = self._buckets.get(self.bucket(empresa), {})
+        return [a for a in mine.values() if a.empresa == empresa]
 
     # -- writers ----------------------------------------------------------------------
 
@@ -223,11 +247,7 @@ class AlarmBook:
             return exact
         if len(ref) < MIN_REF:
             return None
-        matches = [
-            a
-            for a in self._alarms.values()
-            if a.empresa == empresa and a.id.lower().startswith(ref)
-        ]
+        matches = [a for a in self._of(empresa) if a.id.lower().startswith(ref)]
         return matches[0] if len(matches) == 1 else None
 
     def due(self, now: float) -> list[OpenAlarm]:
@@ -265,49 +285,55 @@ class AlarmBook:
         return min(times) if times else None
 
     def _prune(self, now: float, empresa: str | None = None) -> None:
-        """Forget acknowledged alarms older than ACKED_TTL; keep MAX_PER_EMPRESA each.
+        """Forget acknowledged alarms older than ACKED_TTL; keep MAX_PER_EMPRESA per
+        bucket and MAX_ALARMS on the board.
 
-        Cheap on the hot path: the TTL sweep runs at most once a minute, and an
-        empresa over its limit is cut back to 90% of it, so the sort runs once per
-        MAX_PER_EMPRESA/10 new alarms, not for every one.
+        Cheap on the hot path: the TTL sweep runs at most once a minute, and a bucket
+        (or the board) over its limit is cut back to 90% of it, so the sort runs once
+        per tenth of the limit in new alarms, not for every one.
         """
         if empresa is None or now - self._last_sweep >= 60:
             self._last_sweep = now
             for alarm in list(self._alarms.values()):
                 if alarm.acked_at is not None and now - alarm.acked_at >= ACKED_TTL:
                     self._forget(alarm.id)
-        empresas = [empresa] if empresa is not None else list(self._per_empresa)
-        for e in empresas:
-            if self._per_empresa[e] <= MAX_PER_EMPRESA:
-                continue
-            mine = [a for a in self._alarms.values() if a.empresa == e]
-            # acknowledged first, then oldest first
-            mine.sort(key=lambda a: (not a.acked, a.opened_at, a.id))
-            cut = mine[: len(mine) - MAX_PER_EMPRESA * 9 // 10]
-            for alarm in cut:
-                self._forget(alarm.id)
-            self._forgotten[e] += len(cut)
-            if now - self._warned.get(e, -math.inf) >= 60:  # one line a minute, not per alarm
-                self._warned[e] = now
-                log.warning(
-                    "alarm board of %s over %d alarms: forgot the %d oldest since the last "
-                    "warning (they were delivered; the board only shows the newest)",
-                    e or "-",
-                    MAX_PER_EMPRESA,
-                    self._forgotten.pop(e),
-                )
+        buckets = [self.bucket(empresa)] if empresa is not None else list(self._buckets)
+        for key in buckets:
+            mine = self._buckets.get(key, {})
+            if len(mine) > MAX_PER_EMPRESA:
+                self._cut(now, key, list(mine.values()), MAX_PER_EMPRESA)
+        if len(self._alarms) > self.max_alarms:
+            self._cut(now, "*", list(self._alarms.values()), self.max_alarms)
+
+    def _cut(self, now: float, key: str, alarms: list[OpenAlarm], limit: int) -> None:
+        # acknowledged first, then oldest first
+        alarms.sort(key=lambda a: (not a.acked, a.opened_at, a.id))
+        cut = alarms[: len(alarms) - limit * 9 // 10]
+        for alarm in cut:
+            self._forget(alarm.id)
+        self._forgotten[key] += len(cut)
+        if now - self._warned.get(key, -math.inf) >= 60:  # one line a minute, not per alarm
+            self._warned[key] = now
+            what = "the whole board" if key == "*" else f"alarm board of {key or '-'}"
+            log.warning(
+                "%s over %d alarms: forgot the %d oldest since the last warning "
+                "(they were delivered; the board only shows the newest)",
+                what,
+                limit,
+                self._forgotten.pop(key),
+            )
 
     # -- readers ----------------------------------------------------------------------
 
     def open_alarms(self, empresa: str) -> list[OpenAlarm]:
         """Unacknowledged alarms of ``empresa``, newest first."""
-        mine = [a for a in self._alarms.values() if a.empresa == empresa and not a.acked]
+        mine = [a for a in self._of(empresa) if not a.acked]
         mine.sort(key=lambda a: (a.opened_at, a.received_ns, a.id), reverse=True)
         return mine
 
     def acked_alarms(self, empresa: str) -> list[OpenAlarm]:
         """Acknowledged alarms still on the board, newest acknowledgement first."""
-        mine = [a for a in self._alarms.values() if a.empresa == empresa and a.acked]
+        mine = [a for a in self._of(empresa) if a.acked]
         mine.sort(key=lambda a: (a.acked_at or 0.0, a.id), reverse=True)
         return mine
 
@@ -319,20 +345,41 @@ class AlarmBook:
         s = self._semaforos.get(empresa)
         return (s.colour, s.since) if s is not None else None
 
-    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+    def snapshot(self, unconfigured_limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
         """Plain data for ``/api/status`` and the status page: empresa -> alarms.
 
         Unacknowledged alarms first (newest first), then acknowledged ones still on
         the board (newest acknowledgement first). Each alarm is ``{"id", "tipo",
         "tipo_alarma", "descripcion", "sede", "dispositivo", "desde" (RFC 3339),
         "avisos" (reminders sent), "acuse": None | {"por" (masked number), "en"}}``.
-        Empresa ``""`` collects alarms whose panel named no empresa.
+        Empresa ``""`` collects alarms whose panel named no empresa. With
+        ``unconfigured_limit``, only that many of the :data:`UNCONFIGURED` bucket.
         """
         self._prune(self.clock())
         out: dict[str, list[dict[str, Any]]] = {}
-        for e in sorted({a.empresa for a in self._alarms.values()}):
-            out[e] = [_public(a) for a in self.open_alarms(e) + self.acked_alarms(e)]
-        return out
+        for key, mine in self._buckets.items():  # bounded: MAX_PER_EMPRESA per bucket
+            opened = sorted(
+                (a for a in mine.values() if not a.acked),
+                key=lambda a: (a.opened_at, a.received_ns, a.id),
+                reverse=True,
+            )
+            acked = sorted(
+                (a for a in mine.values() if a.acked),
+                key=lambda a: (a.acked_at or 0.0, a.id),
+                reverse=True,
+            )
+            shown = opened + acked
+            if key == UNCONFIGURED and unconfigured_limit is not None:
+                shown = shown[:unconfigured_limit]
+            for a in shown:
+                out.setdefault(a.empresa, []).append(_public(a))
+        return dict(sorted(out.items()))
+
+    def bucket_size(self, key: str) -> int:
+        return len(self._buckets.get(key, {}))
+
+    def open_count(self) -> int:
+        return sum(1 for a in self._alarms.values() if not a.acked)
 
 
 def _rfc3339(seconds: float) -> str:

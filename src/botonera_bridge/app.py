@@ -4,7 +4,8 @@ with ``nursery.start``, and a two-phase shutdown on SIGTERM/SIGINT.
     mqtt reader ─chan─▶ router ─▶ outbox ─┬─▶ backend sink
                           │                └─▶ whatsapp sink
                           └─▶ watchdog, alarm book
-    ws receiver ─▶ inbox ─▶ inbox workers (commands)
+    ws receiver ─┬▶ inbox ─▶ inbox workers (commands)
+    webhook ─────┘  receipts ─▶ timelines (also fed by both sinks)
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -28,7 +28,9 @@ from .commands import CommandContext, escalation_loop, handle
 from .config import Live, Settings
 from .errors import MqttError
 from .health import Health
-from .messages import Event, now_rfc3339
+from .inbox import GROUP as INBOX_GROUP
+from .inbox import Inbox
+from .messages import Event
 from .metrics import Metrics
 from .mqtt import MqttClient, MqttMessage, open_mqtt
 from .outbox import DeadLetters, Outbox
@@ -36,6 +38,7 @@ from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis
 from .queues.streams import DurableStream
+from .receipts import Receipt, Timelines
 from .reload import reload
 from .router import Router
 from .sdnotify import notify_loop, stopping
@@ -43,9 +46,11 @@ from .sinks.backend import BackendSink
 from .sinks.http11 import Http11Pool, open_pool
 from .sinks.whatsapp import WhatsAppSink
 from .state import HashStore
+from .status.model import empresas_view
 from .watchdog import Watchdog
+from .webhook import Webhook
 from .whatsapp_api import open_sender
-from .ws_receiver import Inbound, receive
+from .ws_receiver import receive
 
 if TYPE_CHECKING:
     import httpx
@@ -55,10 +60,7 @@ log = logging.getLogger(__name__)
 RECEIPT_TOPIC: Final = "botonera-bridge/receipts/"
 RECEIPT_PUBLISH_WAIT: Final = 10.0  # seconds
 INTAKE_BUFFER: Final = 512  # MQTT messages between reader and router
-INBOX_GROUP: Final = "workers"
 _receipt_encoder: Final = msgspec.json.Encoder()
-_inbound_decoder: Final = msgspec.msgpack.Decoder(Inbound)
-_inbound_encoder: Final = msgspec.msgpack.Encoder()
 
 
 @asynccontextmanager
@@ -107,11 +109,16 @@ class Bridge:
             emit=self.outbox.emit,
             metrics=self.metrics,
         )
+        self.inbound = Inbox(self.inbox, dead=self.dead, metrics=self.metrics)
         self.book = AlarmBook(
-            self.alarms, escalation_after=s.escalation.after, escalation_max=s.escalation.max
+            self.alarms,
+            escalation_after=s.escalation.after,
+            escalation_max=s.escalation.max,
+            configured=lambda empresa: self.settings.empresa(empresa) is not None,
         )
+        self.timelines = Timelines(self.alarms, clock=self.book.clock)
         self.router = Router(
-            s, self.outbox, metrics=self.metrics, observers=[self.watchdog.seen, self.book.observe]
+            s, self.outbox, metrics=self.metrics, observers=[self.watchdog.seen, self._observe]
         )
         self.mqtt: MqttClient | None = None
         self.ready = trio.Event()  # subscribed: the "running" log line
@@ -140,74 +147,15 @@ class Bridge:
             raise RuntimeError("MQTT is disabled (--no-mqtt)")
         await self.mqtt.publish(topic, payload, qos=1)
 
-    # -- inbox -------------------------------------------------------------------------------
-    async def on_inbound(self, msg: Inbound) -> None:
-        # WhatsApp message ids are unique: any repeat is the gateway re-sending it.
-        (receipt,) = await self.inbox.append([(_inbound_encoder.encode(msg), f"?{msg.id}")])
-        del receipt  # inbound messages are not acknowledged upstream
+    def _observe(self, event: Event) -> None:
+        self.timelines.track(self.book.observe(event))
 
-    async def inbox_workers(self, ctx: CommandContext) -> None:
-        """Process inbound messages in order per sender; senders proceed in parallel."""
-        lanes: dict[str, deque[tuple[str, Inbound]]] = {}
-        async with trio.open_nursery() as nursery:
-            while True:
-                items = await self.inbox.read(INBOX_GROUP, 100)
-                for item in items:
-                    try:
-                        msg = _inbound_decoder.decode(item.data)
-                    except msgspec.DecodeError:
-                        await self.inbox.ack(INBOX_GROUP, [item.id])
-                        continue
-                    lane = lanes.get(msg.sender)
-                    if lane is None:
-                        lane = lanes[msg.sender] = deque()
-                        nursery.start_soon(self._sender_lane, ctx, msg.sender, lane, lanes)
-                    lane.append((item.id, msg))
-
-    async def _sender_lane(
-        self,
-        ctx: CommandContext,
-        sender: str,
-        lane: deque[tuple[str, Inbound]],
-        lanes: dict[str, deque[tuple[str, Inbound]]],
-    ) -> None:
-        while lane:
-            item_id, msg = lane[0]
-            try:
-                await handle(ctx, msg, metrics=self.metrics)
-            except Exception:
-                log.exception("command from a WhatsApp user failed (message %s)", msg.id)
-            lane.popleft()
-            await self.inbox.ack(INBOX_GROUP, [item_id])
-        del lanes[sender]
+    async def on_receipt(self, receipt: Receipt) -> None:
+        self.timelines.receipt(receipt)
 
     # -- status --------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        s = self.settings
-        devices = self.watchdog.devices()
-        book = self.book.snapshot()
-        empresas = []
-        for e in s.empresas:
-            sem = self.book.semaforo(e.id)
-            empresas.append(
-                {
-                    "id": e.id,
-                    "nombre": e.label,
-                    "semaforo": {"color": sem[0], "desde": _rfc(sem[1])} if sem else None,
-                    "devices": [
-                        {
-                            "key": d.key,
-                            "sede": d.sede,
-                            "dispositivo": d.dispositivo,
-                            "state": d.state,
-                            "last_seen": _rfc(d.last_seen),
-                        }
-                        for d in devices
-                        if d.empresa == e.id
-                    ],
-                    "alarmas": book.get(e.id, []),
-                }
-            )
+        empresas = empresas_view(self.settings, self.watchdog.devices_of, self.book, self.timelines)
         h = self.health
         comp = {
             c: {"up": bool(h.up.get(c)), "detalle": h.why_down.get(c, "")}
@@ -324,8 +272,20 @@ def _counters(m: Metrics) -> dict[str, float]:
     return out
 
 
-def _rfc(wall: float) -> str:
-    return now_rfc3339(int(wall * 1e9))
+def _webhook(s: Settings, metrics: Metrics) -> Webhook | None:
+    """The Cloud API webhook, when the Cloud API is used or the webhook is configured."""
+    wa = s.whatsapp
+    if wa.provider != "cloud" and not (wa.app_secret or wa.verify_token):
+        return None
+    if not s.status.listen:
+        log.warning("status.listen is empty: the Cloud API webhook is not served")
+        return None
+    if not wa.app_secret:
+        log.warning(
+            "whatsapp.app_secret is not set: the webhook refuses every POST (replies and "
+            "delivery statuses from the Cloud API are not received)"
+        )
+    return Webhook(app_secret=wa.app_secret, verify_token=wa.verify_token, metrics=metrics)
 
 
 async def _supervise(name: str, health: Health, fn: Callable[[], Awaitable[None]]) -> None:
@@ -383,7 +343,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
         bridge = Bridge(s, redis)
         pool, http = await _open_backend_clients(stack, s)
         sender = await stack.enter_async_context(open_sender(s.whatsapp))
-        wa_sink = WhatsAppSink(s, sender, metrics=bridge.metrics)
+        wa_sink = WhatsAppSink(s, sender, metrics=bridge.metrics, observer=bridge.timelines)
 
         async def tell_central(event: Event) -> None:
             await wa_sink.post(s.central, texts.unknown_to_backend_text(event))
@@ -395,6 +355,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             user_agent=USER_AGENT,
             metrics=bridge.metrics,
             on_unknown=tell_central,
+            on_result=bridge.timelines.backend_result,
         )
         bridge.backend_sink = backend_sink
         mqtt = None
@@ -411,6 +372,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             publish=bridge.publish,
             emit=bridge.outbox.emit,
             metrics=bridge.metrics,
+            timelines=bridge.timelines,
         )
         live = Live(s)
 
@@ -424,6 +386,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                 reconfigure_sender(new.whatsapp)
 
         live.subscribe(on_reload)
+        webhook = _webhook(s, bridge.metrics)
         async with trio.open_nursery() as nursery:
             intake = trio.CancelScope()
             nursery.start_soon(
@@ -432,6 +395,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             await nursery.start(bridge.link.run)
             await bridge.alarms.load()
             bridge.book.reload()
+            bridge.timelines.reload()
             if s.status.listen:
                 from .status.server import serve_status  # hypercorn only when serving
 
@@ -442,6 +406,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                         health=bridge.health,
                         snapshot=bridge.snapshot,
                         token=s.status.token,
+                        alarm=bridge.timelines.public,
+                        webhook=webhook,
                         task_status=task_status,
                     )
                 )
@@ -460,8 +426,14 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                 lambda: wa_sink.run(bridge.outbox.delivery("whatsapp")),
             )  # fmt: skip
             nursery.start_soon(
-                _supervise, "inbox workers", bridge.health, lambda: bridge.inbox_workers(ctx)
-            )
+                _supervise, "inbox workers", bridge.health,
+                lambda: bridge.inbound.run(partial(handle, ctx, metrics=bridge.metrics)),
+            )  # fmt: skip
+            if webhook is not None:
+                nursery.start_soon(
+                    _supervise, "webhook", bridge.health,
+                    lambda: webhook.run(bridge.inbound.append, bridge.on_receipt),
+                )  # fmt: skip
             nursery.start_soon(
                 _supervise, "escalation", bridge.health, lambda: escalation_loop(ctx)
             )
@@ -476,7 +448,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                             bridge.ws_enabled = True
                             await n.start(partial(
                                 receive, s.websocket.url, s.websocket.reconnect_delay,
-                                bridge.on_inbound, health=bridge.health, metrics=bridge.metrics,
+                                bridge.inbound.append, on_receipt=bridge.on_receipt,
+                                health=bridge.health, metrics=bridge.metrics,
                             ))  # fmt: skip
                         if mqtt is not None:
                             send, recv = trio.open_memory_channel[MqttMessage](INTAKE_BUFFER)

@@ -374,6 +374,27 @@ def _version_text() -> str:
 
 
 @app.command()
+def timeline(
+    event_id: Annotated[str, typer.Argument(help="event id of the alarm")],
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the raw JSON")] = False,
+) -> None:
+    """Print an alarm's timeline from the running bridge (received, backend, who was
+    reached, who read it, who took it, escalations)."""
+    from . import timeline as timeline_mod
+
+    settings = _load(config)
+    try:
+        data = timeline_mod.fetch(settings, event_id)
+    except timeline_mod.TimelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_FAIL) from exc
+    typer.echo(
+        json.dumps(data, ensure_ascii=False, indent=2) if as_json else timeline_mod.render(data)
+    )
+
+
+@app.command()
 def version() -> None:
     """Mostrar la versión (también: --version).
 

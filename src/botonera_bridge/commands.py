@@ -13,7 +13,10 @@ Commands are case- and accent-insensitive and the first word decides:
 - ``SEMAFORO <COLOR>`` [empresa] — publish a ``semaforos`` command to ``comandos/<empresa>``.
 
 :func:`escalation_loop` re-sends unacknowledged alarms to the empresa's contacts
-and the ``central`` contacts (:meth:`AlarmBook.due` decides when).
+and the ``central`` contacts (:meth:`AlarmBook.due` decides when); the alarms due
+in one round go to each number as one digest. Where delivery receipts exist, an
+alarm no contact has read within ``escalation.unread_after`` goes to ``central``
+at once (:func:`escalate_unread`), many at once as one digest.
 
 Replies are Spanish; logs are English and never show a full phone number.
 """
@@ -21,6 +24,7 @@ Replies are Spanish; logs are English and never show a full phone number.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import re
 import time
@@ -37,6 +41,7 @@ from .errors import BridgeError, DeliveryError
 from .ids import fold, mask_phone, stable_id
 from .messages import Event, now_rfc3339, synthetic
 from .metrics import Metrics
+from .receipts import Timelines
 from .texts import SEMAFOROS, TZ, clock_time, escalation_prefix, semaforo
 from .ws_receiver import Inbound
 
@@ -52,6 +57,9 @@ MAX_TICK: Final = 1.0  # seconds; the escalation loop looks at least this often
 FINAL_FLUSH_TIMEOUT: Final = 2.0  # seconds for the last write of the alarm book
 MAX_PANEL_LINES: Final = 15  # panels listed per empresa in ESTADO (offline first)
 SHORT_ID: Final = 8  # characters of an event id shown to people
+DIGEST_LINES: Final = 10  # alarms listed in one escalation digest, then "y N más"
+DIGEST_LINE_CHARS: Final = 240  # characters per digest line
+LOG_EACH_UP_TO: Final = 5  # escalated alarms logged one by one; more get one line
 
 HELP_WORDS: Final = frozenset({"ayuda", "help", "comandos", "menu"})
 STATUS_WORDS: Final = frozenset({"estado", "status"})
@@ -105,6 +113,7 @@ class CommandContext:
     emit: Callable[[Event], Awaitable[None]]  # durable outbox append (→ backend)
     clock: Callable[[], float] = field(default=time.time)  # wall seconds, for "visto hace"
     metrics: Metrics | None = None  # botonera_escalations_total
+    timelines: Timelines | None = None  # receipts and timelines, when kept
 
 
 # ---------------------------------------------------------------- incoming messages
@@ -141,7 +150,10 @@ async def handle(ctx: CommandContext, msg: Inbound, *, metrics: Metrics | None =
 
 
 def message_ref(message_id: str) -> str:
-    """A message id fit for logs: WAHA ids embed the sender's number ('false_57300…@c.us_X')."""
+    """A message id fit for logs: WAHA ids embed the sender's number ('false_57300…@c.us_X'),
+    Cloud API ids ('wamid.HBgM…') embed it base64-encoded, so those become a short digest."""
+    if message_id.startswith("wamid."):
+        return "wamid#" + hashlib.sha256(message_id.encode()).hexdigest()[:12]
     return _DIGITS.sub(lambda m: mask_phone(m.group()), message_id)
 
 
@@ -332,6 +344,8 @@ async def _acknowledge(
             detail={"alarma_id": acked.id, "por": mask_phone(msg.sender)},
         )
     )
+    if ctx.timelines is not None:
+        ctx.timelines.acknowledged(acked.id, msg.sender, acked.acked_at or ctx.book.clock())
     log.info(
         "alarm %s of %s acknowledged by %s", acked.id, acked.empresa or "-", mask_phone(msg.sender)
     )
@@ -394,8 +408,9 @@ async def _semaforo(
             "tipo_alarma": colour,
             "empresa": empresa,
             "origen": "whatsapp",
-            "por": msg.sender,
-            "ref": msg.id,  # the WhatsApp message id: lets the panel side trace the order
+            "por": mask_phone(msg.sender),  # panels and their logs need no full number
+            # the WhatsApp message id, masked like the number (WAHA ids embed it)
+            "ref": message_ref(msg.id),
         }
     )
     topic = COMMAND_TOPIC.format(empresa=empresa)
@@ -426,30 +441,157 @@ async def _semaforo(
 
 
 async def escalate(ctx: CommandContext, now: float) -> int:
-    """Send the reminders that fell due at ``now``; returns how many alarms were escalated."""
+    """Send the reminders that fell due at ``now``; returns how many alarms were escalated.
+
+    Each empresa's contacts get one message for that empresa's due alarms, and each
+    ``central`` number one message for all the due alarms it is not a contact of:
+    a digest when there are several, so a flood of alarms is one message per round.
+    """
     due = ctx.book.due(now)
     total = ctx.book.max
-    if due and ctx.metrics is not None:
+    if not due:
+        return 0
+    by_empresa: dict[str, list[OpenAlarm]] = {}
+    for alarm in due:
+        by_empresa.setdefault(alarm.empresa, []).append(alarm)
+    _log_escalations(ctx, due, total)
+    messages = {"contacts": 0, "central": 0}
+    if ctx.metrics is not None:
         ctx.metrics.escalations.inc(len(due))
     async with trio.open_nursery() as nursery:  # one slow number must not delay the others
-        for alarm in due:
-            contacts = _contacts(ctx, alarm.empresa)
-            central = [n for n in ctx.settings.central if n not in contacts]
-            text = f"{escalation_prefix(alarm.escalations, total)} {_alarm_headline(ctx, alarm)}"
-            log.warning(
-                "alarm %s of %s unattended: reminder %d/%d to %d contacts and %d central",
-                alarm.id,
-                alarm.empresa or "-",
-                alarm.escalations,
-                total,
-                len(contacts),
-                len(central),
-            )
-            if not contacts and not central:
-                log.warning("alarm %s has nobody to remind: no contactos nor central", alarm.id)
-            hint = f"\nResponda ACK {short_id(alarm.id)} para marcarla como atendida."
-            nursery.start_soon(_send, ctx, contacts, text + hint)
-            nursery.start_soon(_send, ctx, central, text)
+        for empresa, alarms in by_empresa.items():
+            contacts = _contacts(ctx, empresa)
+            if not contacts:
+                continue
+            if len(alarms) == 1:
+                alarm = alarms[0]
+                text = (
+                    f"{escalation_prefix(alarm.escalations, total)} {_alarm_headline(ctx, alarm)}"
+                )
+                text += f"\nResponda ACK {short_id(alarm.id)} para marcarla como atendida."
+            else:
+                text = _digest(ctx, f"⚠️ SIN ATENDER — {len(alarms)} alarmas", alarms, total)
+                text += "\nResponda ACK <código> para marcar una como atendida."
+            _record(ctx, alarms, "recordatorio", len(contacts))
+            messages["contacts"] += len(contacts)
+            nursery.start_soon(_send, ctx, contacts, text)
+        groups: dict[tuple[OpenAlarm, ...], list[str]] = {}
+        for number in ctx.settings.central:
+            mine = tuple(a for a in due if number not in _contacts(ctx, a.empresa))
+            if mine:
+                groups.setdefault(mine, []).append(number)
+        for alarms_t, numbers in groups.items():
+            if len(alarms_t) == 1:
+                alarm = alarms_t[0]
+                text = (
+                    f"{escalation_prefix(alarm.escalations, total)} {_alarm_headline(ctx, alarm)}"
+                )
+            else:
+                text = _digest(ctx, f"⚠️ SIN ATENDER — {len(alarms_t)} alarmas", alarms_t, total)
+            _record(ctx, alarms_t, "recordatorio", len(numbers))
+            messages["central"] += len(numbers)
+            nursery.start_soon(_send, ctx, numbers, text)
+    log.info(
+        "escalation round: %d alarms unattended; %d messages to contacts, %d to %d central numbers",
+        len(due),
+        messages["contacts"],
+        messages["central"],
+        len(ctx.settings.central),
+    )
+    return len(due)
+
+
+def _log_escalations(ctx: CommandContext, due: Sequence[OpenAlarm], total: int) -> None:
+    central = len(ctx.settings.central)
+    if len(due) > LOG_EACH_UP_TO:
+        log.warning("%d alarms unattended: reminders sent as digests", len(due))
+        return
+    for alarm in due:
+        contacts = _contacts(ctx, alarm.empresa)
+        log.warning(
+            "alarm %s of %s unattended: reminder %d/%d to %d contacts and %d central",
+            alarm.id,
+            alarm.empresa or "-",
+            alarm.escalations,
+            total,
+            len(contacts),
+            len([n for n in ctx.settings.central if n not in contacts]),
+        )
+        if not contacts and not central:
+            log.warning("alarm %s has nobody to remind: no contactos nor central", alarm.id)
+
+
+def _record(ctx: CommandContext, alarms: Sequence[OpenAlarm], kind: str, to: int) -> None:
+    if ctx.timelines is None:
+        return
+    for alarm in alarms:
+        ctx.timelines.escalated([alarm.id], kind, to=to, step=alarm.escalations)
+
+
+def _digest(ctx: CommandContext, title: str, alarms: Sequence[OpenAlarm], total: int | None) -> str:
+    """'⚠️ SIN ATENDER — 12 alarmas' and up to DIGEST_LINES lines, then 'y N más'."""
+    lines = [title]
+    for alarm in alarms[:DIGEST_LINES]:
+        step = f"(aviso {alarm.escalations}/{total}) " if total else ""
+        line = f"• {step}{alarm_label(ctx, alarm)} [código {short_id(alarm.id)}]"
+        if len(line) > DIGEST_LINE_CHARS:
+            line = line[: DIGEST_LINE_CHARS - 1] + "…"
+        lines.append(line)
+    if len(alarms) > DIGEST_LINES:
+        lines.append(f"y {len(alarms) - DIGEST_LINES} más")
+    return "\n".join(lines)
+
+
+async def escalate_unread(ctx: CommandContext, now: float) -> int:
+    """Send to ``central`` the alarms that no recipient has read within
+    ``escalation.unread_after`` (only alarms whose messages carry receipts);
+    returns how many alarms were escalated."""
+    tl = ctx.timelines
+    after = ctx.settings.escalation.unread_after
+    if tl is None or after <= 0:
+        return 0
+    due: list[OpenAlarm] = []
+    for line in tl.unread_due(now, after):
+        alarm = ctx.book.get(line.id)
+        if alarm is None or alarm.acked:
+            tl.unwatch(line.id)
+            continue
+        due.append(alarm)
+    if not due:
+        return 0
+    minutes = f"{after / 60:g} min" if after >= 60 else f"{after:g} s"
+    groups: dict[tuple[OpenAlarm, ...], list[str]] = {}
+    for number in ctx.settings.central:
+        mine = tuple(a for a in due if (t := tl.get(a.id)) is None or t.recipient(number) is None)
+        if mine:
+            groups.setdefault(mine, []).append(number)
+    if not ctx.settings.central:
+        log.warning("%d alarms unread after %s and no central contacts to tell", len(due), minutes)
+    async with trio.open_nursery() as nursery:
+        for alarms_t, numbers in groups.items():
+            if len(alarms_t) == 1:
+                text = (
+                    f"👀 SIN LEER — ningún contacto la ha leído en {minutes}: "
+                    f"{_alarm_headline(ctx, alarms_t[0])}"
+                )
+            else:
+                text = _digest(
+                    ctx,
+                    f"👀 SIN LEER — {len(alarms_t)} alarmas que ningún contacto ha leído "
+                    f"en {minutes}",
+                    alarms_t,
+                    None,
+                )
+            nursery.start_soon(_send, ctx, numbers, text)
+    reached = {n for numbers in groups.values() for n in numbers}
+    for alarm in due:
+        tl.escalated([alarm.id], "sin_leer", to=len(reached))
+    log.warning(
+        "%d alarms unread by every contact after %s: sent to %d central numbers",
+        len(due),
+        minutes,
+        len(reached),
+    )
     return len(due)
 
 
@@ -475,12 +617,20 @@ async def escalation_loop(
     try:
         while True:
             await escalate(ctx, now_fn())
+            await escalate_unread(ctx, now_fn())
+            if ctx.timelines is not None:
+                ctx.timelines.sync()  # same hash as the board: one write-through for both
             if ctx.book.dirty:
                 await ctx.book.flush()
-            next_due = ctx.book.next_due()
+            times = [ctx.book.next_due()]
+            if ctx.timelines is not None and ctx.settings.escalation.unread_after > 0:
+                times.append(ctx.timelines.next_unread_due(ctx.settings.escalation.unread_after))
+            next_due = min((t for t in times if t is not None), default=None)
             delay = MAX_TICK if next_due is None else min(MAX_TICK, next_due - now_fn())
             await trio.sleep(max(0.0, delay))
     finally:
+        if ctx.timelines is not None:
+            ctx.timelines.sync()
         if ctx.book.dirty:
             with trio.move_on_after(FINAL_FLUSH_TIMEOUT) as scope:
                 scope.shield = True

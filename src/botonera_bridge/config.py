@@ -86,6 +86,9 @@ class WhatsappSettings(_Section, frozen=True):
     min_interval: float = 6.0  # seconds between two messages to one number
     dedup_window: float = 60.0  # seconds
     timeout: float = 10.0  # seconds
+    app_secret: str = ""  # Cloud API webhook signatures (X-Hub-Signature-256)
+    app_secret_file: str = ""
+    verify_token: str = ""  # Cloud API webhook verification (hub.verify_token)
 
 
 class HeartbeatSettings(_Section, frozen=True):
@@ -96,6 +99,7 @@ class HeartbeatSettings(_Section, frozen=True):
 class EscalationSettings(_Section, frozen=True):
     after: float = 300.0  # seconds
     max: int = 3
+    unread_after: float = 120.0  # seconds; unread by every contact -> central at once
 
 
 class StatusSettings(_Section, frozen=True):
@@ -158,6 +162,8 @@ _ENV: Final[dict[str, tuple[str, str, str]]] = {
     "WHATSAPP_API_URL": ("whatsapp", "api_url", "str"),
     "WHATSAPP_TOKEN": ("whatsapp", "token", "str"),
     "WHATSAPP_PHONE_NUMBER_ID": ("whatsapp", "phone_number_id", "str"),
+    "WHATSAPP_APP_SECRET": ("whatsapp", "app_secret", "str"),
+    "WHATSAPP_VERIFY_TOKEN": ("whatsapp", "verify_token", "str"),
     "HEARTBEAT_TIMEOUT": ("heartbeat", "timeout", "float"),
     "STATUS_LISTEN": ("status", "listen", "str"),
     "STATUS_TOKEN": ("status", "token", "str"),
@@ -165,7 +171,7 @@ _ENV: Final[dict[str, tuple[str, str, str]]] = {
     "LOG_FORMAT": ("log", "format", "str"),
 }
 
-SECRET_KEYS: Final = frozenset({"password", "token"})
+SECRET_KEYS: Final = frozenset({"password", "token", "app_secret", "verify_token"})
 # systemd LoadCredential= names -> (section, key): read from $CREDENTIALS_DIRECTORY/<name>
 # when the key is still empty after the file, its *_file key and the environment.
 CREDENTIALS: Final[dict[str, tuple[str, str]]] = {
@@ -297,6 +303,10 @@ def _finish(s: Settings, source: str) -> Settings:
     if wa.token_file and not wa.token:
         wa = msgspec.structs.replace(
             wa, token=_read_secret(wa.token_file, source, "whatsapp.token_file")
+        )
+    if wa.app_secret_file and not wa.app_secret:
+        wa = msgspec.structs.replace(
+            wa, app_secret=_read_secret(wa.app_secret_file, source, "whatsapp.app_secret_file")
         )
     status = s.status
     if status.token_file and not status.token:

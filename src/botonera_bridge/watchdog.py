@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Final, Literal
 
 import msgspec
@@ -162,6 +162,21 @@ class Watchdog:
                 last_seen=d.last_seen,
             )
             for key, d in sorted(self._devices.items())
+        ]
+
+    def devices_of(self, empresas: Collection[str]) -> list[DeviceState]:
+        """The devices of these empresas, unsorted: one cheap pass for the status model."""
+        return [
+            DeviceState(
+                key=key,
+                empresa=d.empresa,
+                sede=d.sede,
+                dispositivo=d.dispositivo,
+                state=d.state,
+                last_seen=d.last_seen,
+            )
+            for key, d in self._devices.items()
+            if d.empresa in empresas
         ]
 
     # -- the task ------------------------------------------------------------------

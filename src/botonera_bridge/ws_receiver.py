@@ -9,7 +9,13 @@ Frames accepted (DESIGN.md, "WhatsApp → Incoming"):
 
 - WAHA events ``{"event": "message", "payload": {"id", "from": "573…@c.us", "body",
   "timestamp", "fromMe"}}``; ``fromMe: true`` and other events are ignored;
-- plain ``{"id", "from": "+573…", "body", "timestamp"}``.
+- plain ``{"id", "from": "+573…", "body", "timestamp"}``;
+- WAHA delivery receipts ``{"event": "message.ack", "payload": {"id", "ack", "ackName"}}``
+  (:func:`parse_event` turns them into :class:`~botonera_bridge.receipts.Receipt`).
+
+Each frame is handled in isolation: a malformed frame, or a failure while handing
+it on, is logged once with its reason, counted in
+``botonera_rejected_total{source="websocket"}``, and the next frame is read.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .errors import ConfigError, InvalidMessage
 from .health import Health
 from .ids import mask_phone
 from .metrics import Metrics
+from .receipts import Receipt
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,10 @@ PING_INTERVAL: Final = 30.0  # seconds between keepalive pings
 PONG_TIMEOUT: Final = 10.0  # seconds to wait for the pong before reconnecting
 MAX_FRAME: Final = 1 << 20  # bytes; larger frames close the connection (1009)
 WARN_EVERY: Final = 10  # failed attempts between repeated WARNING lines
+MAX_TIMESTAMP: Final = 2**63  # numeric fields from outside must fit a signed 64-bit int
+# WAHA ackName -> receipt status (ERROR is a failure; PENDING and PLAYED add nothing)
+_ACK_STATUS: Final = {"SERVER": "sent", "DEVICE": "delivered", "READ": "read", "ERROR": "failed"}
+_ACK_NUMBER: Final = {1: "sent", 2: "delivered", 3: "read", 4: "read", -1: "failed"}
 
 _E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _PERSONAL_SUFFIXES: Final = ("@c.us", "@s.whatsapp.net")
@@ -80,6 +91,45 @@ def parse_frame(data: str | bytes) -> Inbound | None:
     ``missing_field``, ``invalid_sender``) for malformed frames. Details never hold
     a full phone number.
     """
+    return _message(_decode(data))
+
+
+def parse_event(data: str | bytes) -> Inbound | Receipt | None:
+    """Like :func:`parse_frame`, and also turns ``message.ack`` events into receipts."""
+    obj = _decode(data)
+    if obj.get("event") == "message.ack":
+        return _ack(obj)
+    return _message(obj)
+
+
+def _ack(obj: dict[str, Any]) -> Receipt | None:
+    payload = obj.get("payload")
+    if not isinstance(payload, dict):
+        raise InvalidMessage("invalid_schema", "'payload' must be an object")
+    name = payload.get("ackName")
+    status = _ACK_STATUS.get(name) if isinstance(name, str) else None
+    ack = payload.get("ack")
+    if status is None and isinstance(ack, int) and not isinstance(ack, bool):
+        status = _ACK_NUMBER.get(ack)
+    if status is None:
+        return None  # PENDING, PLAYED or unknown: nothing new
+    message_id = _message_id(payload.get("id"))
+    to = payload.get("to")
+    number = ""
+    if isinstance(to, str):
+        try:
+            number = _sender(to) or ""
+        except InvalidMessage:
+            number = ""
+    ts = payload.get("timestamp", obj.get("timestamp"))
+    try:
+        seconds = _timestamp(ts) if ts is not None else 0
+    except InvalidMessage:
+        seconds = 0
+    return Receipt(message_id=message_id, status=status, number=number, timestamp=seconds)
+
+
+def _decode(data: str | bytes) -> dict[str, Any]:
     try:
         obj = _frame_decoder.decode(data)
     except UnicodeDecodeError as exc:
@@ -90,7 +140,10 @@ def parse_frame(data: str | bytes) -> Inbound | None:
         raise InvalidMessage("invalid_schema", "frame is not a JSON object") from exc
     except msgspec.DecodeError as exc:
         raise InvalidMessage("invalid_json", str(exc)) from exc
+    return obj
 
+
+def _message(obj: dict[str, Any]) -> Inbound | None:
     if "event" in obj:
         event = obj["event"]
         if event != "message":
@@ -121,6 +174,8 @@ def _message_id(value: Any) -> str:
         value = value.get("_serialized")
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InvalidMessage("missing_field", "'id' is missing or not a string")
+    if isinstance(value, int) and not -MAX_TIMESTAMP <= value < MAX_TIMESTAMP:
+        raise InvalidMessage("invalid_schema", "'id' is a number out of range")
     text = str(value).strip()
     if not text or len(text) > 256:
         raise InvalidMessage("missing_field", "'id' is empty or longer than 256 characters")
@@ -158,8 +213,8 @@ def _body(payload: dict[str, Any]) -> str:
 def _timestamp(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidMessage("missing_field", "'timestamp' is missing or not a number")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidMessage("invalid_schema", "'timestamp' must be a positive number")
+    if not math.isfinite(value) or not 0 <= value < MAX_TIMESTAMP:
+        raise InvalidMessage("invalid_schema", "'timestamp' must be a number in 0..2**63")
     seconds = int(value)
     if seconds > 100_000_000_000:  # milliseconds (year > 5138 in seconds)
         seconds //= 1000
@@ -231,16 +286,19 @@ async def receive(
     reconnect_delay: float,
     on_message: Callable[[Inbound], Awaitable[None]],
     *,
+    on_receipt: Callable[[Receipt], Awaitable[None]] | None = None,
     health: Health | None = None,
     metrics: Metrics | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Receive messages from the gateway forever.
+    """Receive messages (and, with ``on_receipt``, delivery receipts) forever.
 
     Reports ready at once (a gateway that is down must not block start-up); the
     connection state goes to ``health`` as component ``websocket``. Raises
     :class:`ConfigError` before reporting ready when ``url`` is not a ws(s) URL.
-    Exceptions raised by ``on_message`` propagate (they are bugs, not outages).
+    An exception while handling one frame (in ``on_message`` too) is logged and
+    counted, and the next frame is read; a bug in the session itself ends that
+    connection, which is opened again with backoff: the receiver never dies.
     """
     _check_url(url)
     where = safe_url(url)
@@ -249,12 +307,16 @@ async def receive(
         health.set(COMPONENT, False, "connecting to gateway")
     task_status.started()
     while True:
-        session = _Session(where, on_message, metrics)
+        session = _Session(where, on_message, on_receipt, metrics)
         try:
             await session.run(url, health)
             reason = session.end_reason or "connection closed"
         except _TRANSPORT_ERRORS as exc:
             reason = session.end_reason or _describe(exc)
+        except Exception as exc:  # a bug in a session: supervised here, never fatal
+            log.exception("gateway session with %s failed", where)
+            _count(metrics, "internal_error")
+            reason = f"internal error: {type(exc).__name__}"
         healthy = session.frames > 0 or (
             session.connected_at is not None
             and trio.current_time() - session.connected_at >= STABLE_AFTER
@@ -277,6 +339,11 @@ async def receive(
         else:
             log.debug("gateway %s still unreachable (%s); retrying in %.1fs", where, reason, delay)
         await trio.sleep(delay)
+
+
+def _count(metrics: Metrics | None, reason: str) -> None:
+    if metrics is not None:
+        metrics.rejected.labels(source=COMPONENT, reason=reason).inc()
 
 
 def _describe(exc: BaseException) -> str:
@@ -322,10 +389,12 @@ class _Session:
         self,
         where: str,
         on_message: Callable[[Inbound], Awaitable[None]],
+        on_receipt: Callable[[Receipt], Awaitable[None]] | None,
         metrics: Metrics | None,
     ) -> None:
         self.where = where
         self.on_message = on_message
+        self.on_receipt = on_receipt
         self.metrics = metrics
         self.connected_at: float | None = None
         self.frames = 0  # well-formed frames received
@@ -401,18 +470,40 @@ class _Session:
                 self.end_reason = _describe(exc)
                 return
             try:
-                msg = parse_frame(data)
+                msg = parse_event(data) if self.on_receipt is not None else parse_frame(data)
             except InvalidMessage as exc:
                 if self.metrics is not None:
                     self.metrics.invalid_frames.inc()
-                log.warning("malformed frame from gateway %s: %s", self.where, exc)
+                _count(self.metrics, exc.reason)
+                log.warning(
+                    "malformed frame from gateway %s: %s: %r", self.where, exc.reason, exc.detail
+                )
+                continue
+            except Exception as exc:  # one frame never ends the session
+                _count(self.metrics, "internal_error")
+                log.warning(
+                    "cannot decode a frame from gateway %s: %s", self.where, type(exc).__name__
+                )
                 continue
             self.frames += 1  # a well-formed frame: the gateway is healthy
             if msg is None:
                 continue
             self.busy, self.calls = True, self.calls + 1
             try:
-                await self.on_message(msg)
+                if isinstance(msg, Receipt):
+                    assert self.on_receipt is not None
+                    await self.on_receipt(msg)
+                else:
+                    await self.on_message(msg)
+            except Exception as exc:
+                _count(self.metrics, "internal_error")
+                # the exception text may quote the sender: type only, traceback at DEBUG
+                log.error(
+                    "frame from gateway %s not handled (%s); continuing with the next",
+                    self.where,
+                    type(exc).__name__,
+                )
+                log.debug("frame handling failure", exc_info=True)
             finally:
                 self.busy = False
 

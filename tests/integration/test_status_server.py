@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,52 @@ async def test_token_required_everywhere_but_healthz() -> None:
             assert (await client.get("/readyz", headers=accented)).status_code == 401
 
 
+async def test_webhook_and_alarm_routes() -> None:
+    """/webhooks/whatsapp needs no status token (its signature authenticates it);
+    /api/alarms/<id> does; bodies are bounded."""
+    import hashlib
+    import hmac
+
+    from botonera_bridge.webhook import MAX_BODY, Webhook
+
+    hook = Webhook(app_secret="s3", verify_token="vt")  # noqa: S106 - test values
+    timelines = {"ev1": {"id": "ev1", "avisados": 1}}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = b'{"object":"whatsapp_business_account","entry":[]}'
+    good = "sha256=" + hmac.new(b"s3", body, hashlib.sha256).hexdigest()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            (url,) = await nursery.start(
+                partial(
+                    serve_status, "127.0.0.1:0", metrics=Metrics(), health=Health(60),
+                    snapshot=sample_snapshot, token=TOKEN, alarm=timelines.get, webhook=hook,
+                )
+            )  # fmt: skip
+            async with httpx.AsyncClient(base_url=url) as client:
+                q = {"hub.mode": "subscribe", "hub.verify_token": "vt", "hub.challenge": "99"}
+                r = await client.get("/webhooks/whatsapp", params=q)
+                assert (r.status_code, r.text) == (200, "99")
+                bad = dict(q, **{"hub.verify_token": "no"})
+                assert (await client.get("/webhooks/whatsapp", params=bad)).status_code == 403
+                headers = {"X-Hub-Signature-256": good}
+                r = await client.post("/webhooks/whatsapp", content=body, headers=headers)
+                assert r.status_code == 200
+                r = await client.post("/webhooks/whatsapp", content=body + b" ", headers=headers)
+                assert r.status_code == 403
+                big = b"x" * (MAX_BODY + 1)
+                assert (await client.post("/webhooks/whatsapp", content=big)).status_code == 413
+                assert (await client.put("/webhooks/whatsapp", content=body)).status_code == 405
+                assert (await client.get("/api/alarms/ev1")).status_code == 401
+                r = await client.get("/api/alarms/ev1", headers=auth)
+                assert r.json() == {"id": "ev1", "avisados": 1}
+                assert (await client.get("/api/alarms/nope", headers=auth)).status_code == 404
+                assert (await client.post("/api/alarms/ev1", headers=auth)).status_code == 404
+            nursery.cancel_scope.cancel()
+    # without a webhook configured the routes do not exist
+    async with serving() as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/webhooks/whatsapp")).status_code == 404
+
+
 async def test_page_404_405_head_and_errors() -> None:
     def broken() -> dict[str, Any]:
         raise RuntimeError("snapshot failed")
@@ -357,3 +404,47 @@ async def test_page_shows_bridge_errors(tmp_path: Path) -> None:
         dom = await run_chromium(chromium_cmd(tmp_path / "p", "--dump-dom", f"{url}/"), tmp_path)
     assert "El puente respondió 500" in dom
     assert 'class="stale"' in dom
+
+
+def reach_snapshot() -> dict[str, Any]:
+    snap = sample_snapshot()
+    cota = snap["empresas"][0]
+    cota["alarmas"][0] |= {"avisados": 2, "leidos": 1}
+    cota["alarmas"][1] |= {"avisados": 3, "leidos": 2}
+    snap["empresas"].append(
+        {
+            "id": "sin_configurar",
+            "nombre": "Empresas sin configurar",
+            "semaforo": None,
+            "devices": [],
+            "alarmas": [
+                {
+                    "id": "u1",
+                    "empresa": "bogota",
+                    "tipo_alarma": "CRITICA",
+                    "descripcion": "Sin configurar",
+                    "desde": ago(30),
+                    "acuse": None,
+                    "avisados": 1,
+                    "leidos": 0,
+                }
+            ],
+            "alarmas_total": 180,
+        }
+    )
+    return snap
+
+
+@NEEDS_CHROMIUM
+async def test_page_shows_reached_read_taken_per_alarm(tmp_path: Path) -> None:
+    """Issue 10, must-show 10: per open alarm 'avisados N · leído por M · atendida por X'."""
+    async with serving(snapshot=reach_snapshot) as url:
+        dom = await run_chromium(chromium_cmd(tmp_path / "p", "--dump-dom", f"{url}/"), tmp_path)
+    reach = 'data-testid="alarm-reach">'
+    assert f"{reach}avisados 2 · leído por 1 · sin atender</div>" in dom
+    assert f"{reach}avisados 3 · leído por 2 · atendida por +57******2233</div>" in dom
+    assert f"{reach}avisados 1 · leído por 0 · sin atender</div>" in dom
+    assert "ALARMA CRITICA — bogota" in dom
+    assert "Alarmas abiertas (180)" in dom
+    # an alarm without a timeline shows no reach line (older bridge, nothing tracked)
+    assert dom.count(reach) == 3

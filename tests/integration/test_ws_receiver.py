@@ -208,23 +208,34 @@ async def test_a_graceful_close_is_reconnected_too() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_on_message_errors_propagate() -> None:
+async def test_a_failing_frame_is_isolated(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 9: an exception while handling one frame is logged and counted; the
+    connection stays up and the next frame is handled (it used to end the process)."""
+
     class Bug(Exception):
         pass
 
-    async def broken(msg: Inbound) -> None:
-        raise Bug(msg.id)
+    inbox, metrics = Inbox(), Metrics()
 
-    async def scenario(gw: Gateway) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive, gw.url, DELAY, broken)
-            await gw.wait_clients(1)
-            await gw.send(waha(1))
+    async def sometimes_broken(msg: Inbound) -> None:
+        if msg.id.endswith("_0001"):
+            raise Bug("+573001112233 inside the text")
+        await inbox(msg)
 
     with trio.fail_after(CEILING):
-        async with open_gateway() as gw:
-            with pytest.RaisesGroup(Bug):  # the bug itself, not a reconnect
-                await scenario(gw)
+        async with open_gateway() as gw, trio.open_nursery() as nursery:
+            nursery.start_soon(partial(receive, gw.url, DELAY, sometimes_broken, metrics=metrics))
+            await gw.wait_clients(1)
+            await gw.send(waha(1))
+            await gw.send(waha(2))
+            await inbox.wait_count(1)
+            assert inbox.ids[0].endswith("_0002")
+            assert gw.accepted == 1  # the same connection
+            nursery.cancel_scope.cancel()
+    rejected = metrics.rejected.labels(source="websocket", reason="internal_error")
+    assert rejected._value.get() == 1
+    assert "not handled (Bug)" in caplog.text
+    assert "573001112233" not in caplog.text
 
 
 @pytest.mark.parametrize("url", ["http://localhost:8080/ws", "localhost:8080", "ws://"])

@@ -23,6 +23,9 @@ then serves a tiny HTTP control API on the control port:
 - ``POST /drop`` — close every client connection abruptly (no close frame):
   ``{"dropped": n}``.
 - ``GET /clients`` — ``{"clients": live, "accepted": handshakes so far}``.
+- ``POST /poison?contact=DIGITS&stranger=DIGITS`` — broadcast :func:`poison_frames`
+  (malformed WAHA events, then hostile numbers from a stranger, then an ESTADO from
+  the contact): ``{"sent": clients, "frames": n}``.
 
 Only loopback is meant; the gateway needs nothing but trio and trio-websocket.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
@@ -146,6 +150,35 @@ async def open_gateway(
             nursery.cancel_scope.cancel()
 
 
+def poison_frames(contact: str, stranger: str, now: int) -> list[str]:
+    """What a broken or hostile gateway may send (issue 9): malformed WAHA events
+    (payload a string, event a list, id an object, body a number, timestamp a
+    string), a stranger's messages with timestamps too large for any integer type,
+    then one well-formed ESTADO from ``contact``. Digits only, no '+'."""
+
+    def message(n: int, sender: str, **payload: Any) -> dict[str, Any]:
+        base = {
+            "id": f"false_{sender}@c.us_POISON{n}",
+            "timestamp": now,
+            "from": f"{sender}@c.us",
+            "fromMe": False,
+            "body": "ESTADO",
+        }
+        return {"event": "message", "session": "default", "payload": base | payload}
+
+    frames: list[Any] = [
+        {"event": "message", "session": "default", "payload": "not an object"},
+        {"event": ["message"], "payload": {}},
+        message(1, stranger, id={"unexpected": "object"}),
+        message(2, stranger, body=12345),
+        message(3, stranger, timestamp="1741249702"),
+        message(4, stranger, timestamp=1e300),
+        message(5, stranger, timestamp=18446744073709551616000),
+        message(6, contact),
+    ]
+    return [json.dumps(f) for f in frames]
+
+
 # ---------------------------------------------------------------- subprocess mode
 
 
@@ -205,6 +238,16 @@ async def _route(gw: Gateway, method: str, target: str, body: bytes) -> tuple[in
                 await gw.wait_clients(1)
             if not gw.connections:
                 return 503, {"error": "no client connected"}
+        sent = 0
+        for frame in frames:
+            sent = await gw.send(frame)
+        return 200, {"sent": sent, "frames": len(frames)}
+    if method == "POST" and url.path == "/poison":
+        frames = poison_frames(
+            query.get("contact", ["573001112233"])[0],
+            query.get("stranger", ["573009998877"])[0],
+            int(float(query.get("now", ["0"])[0])) or int(time.time()),
+        )
         sent = 0
         for frame in frames:
             sent = await gw.send(frame)

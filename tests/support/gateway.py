@@ -44,6 +44,11 @@ class GatewayProc:
         data = frame if isinstance(frame, str) else json.dumps(frame)
         return int(self._call("POST", f"/send?wait={wait}", data.encode())["sent"])
 
+    def poison(self, contact: str, stranger: str) -> int:
+        """Send the poison frames of tests/servers/gateway.py (numbers as digits)."""
+        path = f"/poison?contact={contact}&stranger={stranger}"
+        return int(self._call("POST", path, b"")["frames"])
+
     def drop(self) -> int:
         return int(self._call("POST", "/drop", b"")["dropped"])
 

@@ -367,9 +367,10 @@ async def test_semaforo_publishes_to_the_empresa(body: str) -> None:
         "tipo_alarma": "ROJO",
         "empresa": "cota",
         "origen": "whatsapp",
-        "por": B,
-        "ref": msg.id,
+        "por": "+57******5566",  # masked: the full number never leaves the bridge to panels
+        "ref": commands.message_ref(msg.id),
     }
+    assert B[1:] not in payload.decode()
     assert fake.to(B) == ["🚦 Semáforo 🔴 ROJO (emergencia) enviado a Cota."]
     assert ctx.book.semaforo("cota") is None  # the panel reports the change itself
 
@@ -545,5 +546,6 @@ async def test_a_stuck_whatsapp_does_not_hold_escalations(
     await trio.sleep_until(t0 + AFTER)
     assert await escalate(ctx, trio.current_time()) == 2
     assert trio.current_time() - t0 == AFTER + commands.SEND_WAIT  # all sent side by side
-    assert sorted(n for n, _ in started) == [[A, B], [A, C], [CENTRAL], [CENTRAL]]
+    # central gets one digest for both alarms of the round (issue 9: summarised escalations)
+    assert sorted(n for n, _ in started) == [[A, B], [A, C], [CENTRAL]]
     assert {at - t0 for _, at in started} == {AFTER}

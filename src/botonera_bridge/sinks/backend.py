@@ -78,9 +78,11 @@ class BackendSink:
         user_agent: str,
         metrics: Metrics | None = None,
         on_unknown: Callable[[Event], Awaitable[None]] | None = None,
+        on_result: Callable[[str, int, bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self._on_unknown = on_unknown
+        self._on_result = on_result  # (event id, HTTP status, accepted): the alarm timeline
         if pool is None and client is None:
             raise ValueError("BackendSink needs a pool or an httpx client")
         if settings.verify and client is None:
@@ -161,6 +163,8 @@ class BackendSink:
                         "backend rejected event %s (empresa=%s tipo=%s): %s %s; dead-lettered",
                         entry.event.id, entry.event.empresa or "-", entry.event.tipo, exc, exc.body,
                     )  # fmt: skip
+                    if self._on_result is not None:
+                        self._on_result(entry.event.id, exc.status or 0, False)
                     await delivery.dead_letter(entry, exc.reason, f"{exc}: {exc.body}")
                     if exc.reason == "unknown_empresa" and self._on_unknown is not None:
                         await self._on_unknown(entry.event)
@@ -185,7 +189,7 @@ class BackendSink:
             attempt += 1
             try:
                 async with self._limiter:
-                    await self._post(body, event.id)
+                    status = await self._post(body, event.id)
             except TransientDelivery as exc:
                 self.last_error = str(exc)
                 delay = next(backoff)
@@ -201,6 +205,8 @@ class BackendSink:
                 continue
             break
         self.last_error = ""
+        if self._on_result is not None:
+            self._on_result(event.id, status, True)
         if self._metrics is not None:
             self._metrics.delivered.labels(sink="backend").inc()
             if event.received_ns:
@@ -220,7 +226,7 @@ class BackendSink:
         )  # fmt: skip
         return "ok"
 
-    async def _post(self, body: bytes, key: str) -> None:
+    async def _post(self, body: bytes, key: str) -> int:
         if self._pool is not None:
             headers = [*self._raw_headers, (b"idempotency-key", key.encode())]
             try:
@@ -233,7 +239,7 @@ class BackendSink:
                 text.decode("utf-8", "replace"),
                 retry_after.decode("latin-1") if retry_after else None,
             )
-            return
+            return status
         import httpx
 
         assert self._client is not None
@@ -245,6 +251,7 @@ class BackendSink:
         except httpx.HTTPError as exc:
             raise TransientDelivery(f"cannot reach {self._url}: {exc!r}", sink="backend") from exc
         classify(resp.status_code, resp.text, resp.headers.get("retry-after"))
+        return resp.status_code
 
     async def _verify(self, event: Event) -> None:
         """Fail open: only a clear 404 stops an event; any other trouble lets it through."""

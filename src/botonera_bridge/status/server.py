@@ -8,11 +8,14 @@ protocol (hypercorn's trio worker fails without it).
     GET /readyz      200 {"ready": true} | 503 {"ready": false, "reasons": [...]}
     GET /metrics     Prometheus text exposition
     GET /api/status  snapshot() + {"ready", "reasons", "generado_en"}
+    GET /api/alarms/<event id>   one alarm's timeline (404 when not tracked)
+    GET|POST /webhooks/whatsapp  the Cloud API webhook (see :mod:`..webhook`)
     GET /            the status page for people on duty (Spanish)
 
-With ``token`` set, everything but ``/healthz`` needs ``Authorization: Bearer
-<token>``; ``/`` and ``/api/status`` also accept ``?token=`` so a phone browser
-can open a bookmarked link.
+With ``token`` set, everything but ``/healthz`` and the webhook needs
+``Authorization: Bearer <token>``; ``/`` and ``/api/status`` also accept
+``?token=`` so a phone browser can open a bookmarked link. The webhook is
+authenticated by its signature (Meta cannot send the token).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..health import Health
 from ..messages import now_rfc3339
 from ..metrics import Metrics
+from ..webhook import MAX_BODY, Webhook
+from ..webhook import PATH as WEBHOOK_PATH
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ _COMMON_HEADERS: Final = [
     (b"referrer-policy", b"no-referrer"),  # the page URL may carry ?token=
 ]
 _QUERY_TOKEN_PATHS: Final = frozenset({"/", "/api/status"})
+_ALARMS_PREFIX: Final = "/api/alarms/"
 _encode = msgspec.json.Encoder().encode
 
 
@@ -85,7 +91,11 @@ class StatusApp:
         token: str = "",
         page: bytes | None = None,
         wall: Callable[[], float] = time.time,
+        alarm: Callable[[str], dict[str, Any] | None] | None = None,
+        webhook: Webhook | None = None,
     ) -> None:
+        self._alarm = alarm
+        self._webhook = webhook
         self._metrics = metrics
         self._health = health
         self._snapshot = snapshot
@@ -97,7 +107,10 @@ class StatusApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            await self._http(scope, send)
+            if scope["path"] == WEBHOOK_PATH:
+                await self._webhook_route(scope, receive, send)
+            else:
+                await self._http(scope, send)
         # websocket: not offered; returning closes it
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -124,7 +137,7 @@ class StatusApp:
         if path == "/healthz":
             await _respond(send, 200, b"ok\n", _TEXT, head)
             return
-        if path not in _ROUTES:
+        if path not in _ROUTES and not path.startswith(_ALARMS_PREFIX):
             await _respond(send, 404, b"not found\n", _TEXT, head)
             return
         if not self._authorized(scope, path):
@@ -138,12 +151,45 @@ class StatusApp:
             )
             return
         try:
-            status, body, ctype, extra = _ROUTES[path](self)
+            if path.startswith(_ALARMS_PREFIX):
+                status, body, ctype, extra = self._alarm_timeline(path[len(_ALARMS_PREFIX) :])
+            else:
+                status, body, ctype, extra = _ROUTES[path](self)
         except Exception:
             log.exception("status endpoint %s failed", path)
             await _respond(send, 500, b'{"error": "internal error"}', _JSON, head)
             return
         await _respond(send, status, body, ctype, head, extra)
+
+    async def _webhook_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        hook = self._webhook
+        if hook is None:
+            await _respond(send, 404, b"not found\n", _TEXT, method == "HEAD")
+            return
+        if method in ("GET", "HEAD"):
+            query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+            status, answer = hook.verify(query)
+            await _respond(send, status, answer, _TEXT, method == "HEAD")
+            return
+        if method != "POST":
+            await _respond(send, 405, b"method not allowed\n", _TEXT, False,
+                           [(b"allow", b"GET, HEAD, POST")])  # fmt: skip
+            return
+        body = await _read_body(receive, MAX_BODY)
+        if body is None:
+            await _respond(send, 413, b"too large\n", _TEXT)
+            return
+        signature = None
+        for name, value in scope["headers"]:
+            if name == b"x-hub-signature-256":
+                signature = bytes(value).decode("latin-1")
+        try:
+            status, reply = hook.post(body, signature)
+        except Exception:  # a bug: Meta retries a 500 later, nothing is lost
+            log.exception("webhook POST failed")
+            status, reply = 500, b"internal error\n"
+        await _respond(send, status, reply, _TEXT)
 
     def _authorized(self, scope: Scope, path: str) -> bool:
         if not self._token:
@@ -179,6 +225,12 @@ class StatusApp:
         data["generado_en"] = now_rfc3339(int(self._wall() * 1e9))
         return 200, _encode(data), _JSON, []
 
+    def _alarm_timeline(self, event_id: str) -> _Reply:
+        found = self._alarm(event_id) if self._alarm is not None and event_id else None
+        if found is None:
+            return 404, _encode({"error": "alarma desconocida"}), _JSON, []
+        return 200, _encode(found), _JSON, []
+
     def _page_html(self) -> _Reply:
         return 200, self._page, _HTML, [(b"content-security-policy", _PAGE_CSP)]
 
@@ -191,6 +243,23 @@ _ROUTES: Final[dict[str, Callable[[StatusApp], _Reply]]] = {
     "/api/status": StatusApp._api_status,
     "/": StatusApp._page_html,
 }
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None when it is longer than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # http.disconnect
+        chunk = bytes(message.get("body", b""))
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _respond(
@@ -238,11 +307,20 @@ async def serve_status(
     health: Health,
     snapshot: Callable[[], dict[str, Any]],
     token: str = "",
+    alarm: Callable[[str], dict[str, Any] | None] | None = None,
+    webhook: Webhook | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled. ``listen`` is ``host:port`` (port 0 picks a free one);
     ``started()`` receives the bound URLs (``["http://127.0.0.1:9108"]``) once listening."""
-    app = StatusApp(metrics=metrics, health=health, snapshot=snapshot, token=token)
+    app = StatusApp(
+        metrics=metrics,
+        health=health,
+        snapshot=snapshot,
+        token=token,
+        alarm=alarm,
+        webhook=webhook,
+    )
     config = hypercorn_config(listen)
 
     async with trio.open_nursery() as nursery:
