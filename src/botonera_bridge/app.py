@@ -35,7 +35,7 @@ from .outbox import DeadLetters, Outbox
 from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis
-from .queues.streams import DurableStream
+from .queues.streams import DurableStream, Fence
 from .router import Router
 from .sdnotify import notify_loop, stopping
 from .sinks.backend import BackendSink
@@ -48,6 +48,8 @@ from .ws_receiver import Inbound, receive
 
 if TYPE_CHECKING:
     import httpx
+
+    from .ha import Replicas
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +110,20 @@ class Bridge:
         self.book = AlarmBook(
             self.alarms, escalation_after=s.escalation.after, escalation_max=s.escalation.max
         )
-        self.router = Router(
-            s, self.outbox, metrics=self.metrics, observers=[self.watchdog.seen, self.book.observe]
-        )
+        self.router = self.make_router()
+        self.replicas: Replicas | None = None  # [ha] enabled
         self.mqtt: MqttClient | None = None
         self.ready = trio.Event()
         self.backend_sink: BackendSink | None = None
         self._depth: dict[str, int] = {}
         self._backlog_at_start: dict[str, int] = {}
         self.ws_enabled = False
+
+    def make_router(self, fence: Fence | None = None) -> Router:
+        """A router into the outbox; ``fence``: the MQTT session lease (ha.py)."""
+        observers: list[Callable[[Event], object]] = [self.watchdog.seen, self.book.observe]
+        return Router(self.settings, self.outbox, metrics=self.metrics, observers=observers,
+                      fence=fence)  # fmt: skip
 
     async def _publish_receipt(self, event: Event, outcomes: dict[str, str]) -> None:
         body = {"id": event.id, "empresa": event.empresa} | outcomes
@@ -223,6 +230,7 @@ class Bridge:
             },
             "memory_fallback": not self.link.up,
             "invariante": self.invariant(),
+            "ha": self.replicas.snapshot() if self.replicas else {"enabled": False},
             "counters": _counters(self.metrics),
         }
 
@@ -378,6 +386,17 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                 open_mqtt(s.mqtt, health=bridge.health, metrics=bridge.metrics)
             )
             bridge.mqtt = mqtt
+        if s.ha.enabled and redis is not None:
+            from .ha import Replicas
+
+            bridge.replicas = Replicas(
+                s, redis, make_router=bridge.make_router, health=bridge.health,
+                metrics=bridge.metrics,
+            )  # fmt: skip
+            bridge.router.fence = bridge.replicas.own
+            if mqtt is not None:
+                mqtt.gate = bridge.replicas.own_gate
+                bridge.replicas.own_mqtt = mqtt
         ctx = CommandContext(
             settings=s,
             book=bridge.book,
@@ -394,6 +413,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             await nursery.start(bridge.link.run)
             await bridge.alarms.load()
             bridge.book.reload()
+            if bridge.replicas is not None:
+                await nursery.start(bridge.replicas.run)
             if s.status.listen:
                 from .status.server import serve_status  # hypercorn only when serving
 
