@@ -125,6 +125,13 @@ class Bridge:
         return Router(self.settings, self.outbox, metrics=self.metrics, observers=observers,
                       fence=fence)  # fmt: skip
 
+    async def reload_board(self) -> None:
+        """After adopting a dead replica's session: take in the open alarms (and their
+        escalation state) it wrote to Redis; this replica's own entries win."""
+        await self.book.flush()
+        await self.alarms.load()
+        self.book.reload()
+
     async def _publish_receipt(self, event: Event, outcomes: dict[str, str]) -> None:
         body = {"id": event.id, "empresa": event.empresa} | outcomes
         if self.mqtt is None:
@@ -390,8 +397,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             from .ha import Replicas
 
             bridge.replicas = Replicas(
-                s, redis, make_router=bridge.make_router, health=bridge.health,
-                metrics=bridge.metrics,
+                s, redis, make_router=bridge.make_router, on_takeover=bridge.reload_board,
+                health=bridge.health, metrics=bridge.metrics,
             )  # fmt: skip
             bridge.router.fence = bridge.replicas.own
             if mqtt is not None:

@@ -160,12 +160,14 @@ class Replicas:
         redis: Redis,
         *,
         make_router: Callable[[Lease], Router],
+        on_takeover: Callable[[], Awaitable[None]] | None = None,
         health: Health | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._redis = redis
         self._make_router = make_router
+        self._on_takeover = on_takeover
         self._health = health
         self._metrics = metrics
         self.me = settings.mqtt.client_id
@@ -412,6 +414,8 @@ class Replicas:
         self._view[session] = {"client_id": session, "holder": self.me, "epoch": lease.epoch,
                                "lease_left_s": self.lease_s, "adopted_by": self.me}  # fmt: skip
         nursery.start_soon(self._run_adopted, adoption)
+        if self._on_takeover is not None:
+            await self._on_takeover()
 
     async def _run_adopted(self, adoption: _Adoption) -> None:
         lease = adoption.lease
