@@ -1,0 +1,71 @@
+"""The fencing token of ha.py in the outbox append script, against a real redis-server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from botonera_bridge.config import from_mapping
+from botonera_bridge.errors import ConfigError, FencedError
+from botonera_bridge.metrics import Metrics
+from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.redis_client import open_redis
+from botonera_bridge.queues.streams import DurableStream
+
+
+@dataclass
+class _Fence:
+    key: str
+    token: str
+    ok: bool = True
+
+    def valid(self) -> bool:
+        return self.ok
+
+
+async def test_append_under_a_lost_lease_appends_nothing(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link = RedisLink(redis, metrics=Metrics())
+        stream = DurableStream(
+            link, "t:out", ("g",), consumer="c", memory_limit=10, dedup_prefix="t:seen:"
+        )
+        await n.start(link.run)
+        lease = "t:replicas:bridge-b"
+        await redis.execute("SET", lease, "bridge-b 1 x")
+        mine = _Fence(lease, "bridge-b 1 x")
+        (r,) = await stream.append([(b"one", "k1")], fence=mine)
+        assert r.safe
+        # another replica adopted the session: its token is in the lease now
+        await redis.execute("SET", lease, "bridge-a 2 y")
+        with pytest.raises(FencedError):
+            await stream.append([(b"two", "k2"), (b"three", "")], fence=mine)
+        assert await redis.execute("XLEN", "t:out") == 1
+        assert await redis.execute("EXISTS", "t:seen:k2") == 0  # no dedup key written either
+        assert link.up, "a fenced append is not a Redis failure"
+        # the adopter's appends pass
+        await stream.append([(b"two", "k2")], fence=_Fence(lease, "bridge-a 2 y"))
+        assert await redis.execute("XLEN", "t:out") == 2
+        # without Redis, the local check decides (a frozen replica): nothing goes to memory
+        link.down(RuntimeError("test"))
+        with pytest.raises(FencedError):
+            await stream.append([(b"four", "")], fence=_Fence(lease, "bridge-b 1 x", ok=False))
+        assert stream.memory_items == 0
+        n.cancel_scope.cancel()
+
+
+def test_ha_config_keys_and_env():
+    s = from_mapping({"ha": {"enabled": True, "lease": 3}}, env={})
+    assert s.ha.enabled
+    assert s.ha.lease == 3.0
+    s = from_mapping({}, env={"HA_ENABLED": "true", "HA_LEASE": "5"})
+    assert s.ha.enabled
+    assert s.ha.lease == 5.0
+    assert not from_mapping({}, env={}).ha.enabled
+    with pytest.raises(ConfigError, match="ha.enabled needs redis.url"):
+        from_mapping({"ha": {"enabled": True}, "redis": {"url": ""}}, env={})
+    with pytest.raises(ConfigError, match="ha.lease"):
+        from_mapping({"ha": {"lease": 0.1}}, env={})
+    with pytest.raises(ConfigError, match="HA_ENABLED"):
+        from_mapping({}, env={"HA_ENABLED": "maybe"})
