@@ -44,6 +44,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -129,11 +130,26 @@ class Lease:
         self.session = session
         self.key = key
         self.token = ""  # empty: not held
+        self.confirmed_at = -math.inf  # trio time Redis last confirmed the token
+        self.refusals = 0  # batches the fence refused since the last check (see refused)
         self._coordinator = coordinator
 
     def valid(self) -> bool:
         """Held, and the event loop has not been frozen since Redis last confirmed it."""
         return bool(self.token) and not self._coordinator.stalled()
+
+    def refused(self) -> None:
+        """Messages of this session were dropped unacknowledged. If the lease turns out to
+        be still ours (the loop only stalled), the connection is dropped so that the broker
+        redelivers them; otherwise the adopter has them."""
+        self.refusals += 1
+
+    def fresh(self) -> bool:
+        """Confirmed so recently that nobody can have adopted the session since: it cannot
+        have expired yet. Needed to (re)connect a session to the broker, because a new
+        connection takes the session over there."""
+        c = self._coordinator
+        return self.valid() and trio.current_time() - self.confirmed_at < c.lease_s - c.interval
 
     @property
     def epoch(self) -> int:
@@ -142,10 +158,11 @@ class Lease:
 
 
 class _Adoption:
-    __slots__ = ("lease", "lost", "stop", "wanted")
+    __slots__ = ("client", "lease", "lost", "stop", "wanted")
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
+        self.client: MqttClient | None = None
         self.stop = trio.Event()
         self.wanted = False  # the owner asked for it back: hand over gracefully
         self.lost = False  # the lease is gone: stop at once
@@ -180,7 +197,7 @@ class Replicas:
         self.instance = os.urandom(6).hex()  # tells this process from an earlier one
         self.own = Lease(self.me, self._key(self.me), self)
         self.own_mqtt: MqttClient | None = None
-        self._own_changed = trio.Event()
+        self._own_changed = trio.Event()  # replaced after every round and every change
         self._own_holder = ""  # who holds our lease while we wait for it
         self._adopted: dict[str, _Adoption] = {}
         self._absent_since: dict[str, float] = {}
@@ -203,8 +220,10 @@ class Replicas:
         return self._suspect or trio.current_time() - self._last_tick > self._stall_after
 
     async def own_gate(self) -> None:
-        """Return once this replica holds its own session's lease (MqttClient.gate)."""
-        while not self.own.valid():
+        """Return once this replica holds its own session's lease, freshly confirmed
+        (MqttClient.gate): after losing Redis, a replica whose broker connection broke
+        does not reconnect (and take the session back from an adopter) blindly."""
+        while not self.own.fresh():
             await self._own_changed.wait()
 
     def snapshot(self) -> dict[str, Any]:
@@ -264,8 +283,10 @@ class Replicas:
         suspect = self._suspect
         await self._keep_own(suspect)
         await self._keep_adopted()
+        self._redeliver_refused()
         if suspect:
             self._suspect = False  # every lease we hold was checked in this round
+        self._changed_own()  # gates re-check freshness
         await self._scan(nursery)
 
     async def _keep_own(self, suspect: bool) -> None:
@@ -275,6 +296,7 @@ class Replicas:
             got = await r.execute("EVAL", _RENEW, 2, own.key, f"{own.key}:want", own.token,
                                   self._lease_ms)  # fmt: skip
             if int(got) != 0:
+                own.confirmed_at = trio.current_time()
                 return
         before = own.token
         # After a freeze our lease may have been adopted and given up again meanwhile:
@@ -287,6 +309,7 @@ class Replicas:
         value = value.decode()
         if int(ok):
             own.token = value
+            own.confirmed_at = trio.current_time()
             if value != before:
                 if before and self.own_mqtt is not None:
                     # Messages taken under the old token are refused by the fence; a new
@@ -315,6 +338,17 @@ class Replicas:
             self.own_mqtt.drop(f"the session lease is held by {holder}")
         self._changed_own()
 
+    def _redeliver_refused(self) -> None:
+        """Leases confirmed ours in this round whose fence refused messages meanwhile: those
+        messages sit unacknowledged on a live connection; a new one gets them again."""
+        sessions = [(self.own, self.own_mqtt)]
+        sessions += [(a.lease, a.client) for a in self._adopted.values()]
+        for lease, client in sessions:
+            if lease.refusals and lease.token:
+                lease.refusals = 0
+                if client is not None:
+                    client.drop("messages were refused while the lease was unconfirmed")
+
     def _changed_own(self) -> None:
         self._own_changed.set()
         self._own_changed = trio.Event()
@@ -322,7 +356,9 @@ class Replicas:
     async def _keep_adopted(self) -> None:
         if not self._adopted:
             return
-        items = list(self._adopted.values())
+        items = [a for a in self._adopted.values() if a.lease.token]  # (renewed while handing back)
+        if not items:
+            return
         replies = await self._redis.pipeline(
             [["EVAL", _RENEW, 2, a.lease.key, f"{a.lease.key}:want", a.lease.token,
               self._lease_ms] for a in items]
@@ -339,7 +375,9 @@ class Replicas:
                 a.lost = True
                 a.lease.token = ""
                 a.stop.set()
-            elif int(reply) == 2 and not a.wanted:
+            else:
+                a.lease.confirmed_at = trio.current_time()
+            if int(reply) == 2 and not a.wanted:
                 log.info("HA: replica %r wants its MQTT session back: handing it over",
                          a.lease.session)  # fmt: skip
                 a.wanted = True
@@ -400,6 +438,7 @@ class Replicas:
             return  # its owner came back, or another replica was faster
         lease = Lease(session, key, self)
         lease.token = token.decode()
+        lease.confirmed_at = trio.current_time()
         adoption = self._adopted[session] = _Adoption(lease)
         log.warning(
             "HA takeover: replica %r stopped renewing its lease (%.1fs); %r adopts its MQTT "
@@ -423,6 +462,7 @@ class Replicas:
         try:
             async with open_mqtt(self._settings.mqtt, client_id=session, status_topic=False) as c:
                 c.gate = self._adopted_gate(adoption)
+                adoption.client = c
                 router = self._make_router(lease)
                 send, recv = trio.open_memory_channel[MqttMessage](INTAKE_BUFFER)
                 async with trio.open_nursery() as n:
@@ -451,9 +491,11 @@ class Replicas:
 
     def _adopted_gate(self, adoption: _Adoption) -> Callable[[], Awaitable[None]]:
         async def gate() -> None:
-            if not adoption.lease.valid():
-                adoption.stop.set()
-                await trio.sleep_forever()
+            while not adoption.lease.fresh():
+                if not adoption.lease.token:
+                    adoption.stop.set()
+                    await trio.sleep_forever()
+                await self._own_changed.wait()
 
         return gate
 

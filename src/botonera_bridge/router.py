@@ -82,6 +82,8 @@ class Router:
                         # process them twice.
                         self.metrics.rejected.labels(source="mqtt", reason="fenced").inc(len(batch))
                         log.warning("dropping %d MQTT messages unprocessed: %s", len(batch), exc)
+                        if self.fence is not None:
+                            self.fence.refused()  # ha.py reconnects if the lease is still ours
                         continue
                     for pair in pairs:
                         await ack_send.send(pair)

@@ -47,6 +47,11 @@ async def test_append_under_a_lost_lease_appends_nothing(redis_server):
         # the adopter's appends pass
         await stream.append([(b"two", "k2")], fence=_Fence(lease, "bridge-a 2 y"))
         assert await redis.execute("XLEN", "t:out") == 2
+        # an absent lease (Redis restarted, or it expired and nobody adopted it) fences
+        # nothing: ha.py re-claims it; the local check still has the last word
+        await redis.execute("DEL", lease)
+        await stream.append([(b"three", "k3")], fence=mine)
+        assert await redis.execute("XLEN", "t:out") == 3
         # without Redis, the local check decides (a frozen replica): nothing goes to memory
         link.down(RuntimeError("test"))
         with pytest.raises(FencedError):

@@ -38,12 +38,16 @@ MAX_DELIVERIES: Final = 10
 MIGRATION_WAIT: Final = 5.0  # seconds sinks get to finish memory entries when Redis returns
 
 # One round trip, atomic: refuse everything when a fence is given (KEYS[2], the MQTT
-# session's lease, see ha.py) and it no longer holds this replica's token (ARGV[2]);
-# remember each item's dedup key; skip a re-delivered item (key prefixed "?") whose key
-# was already there; append the rest.
+# session's lease, see ha.py) and another replica's token is there (ARGV[2] is ours; an
+# absent lease, e.g. after a Redis restart, was taken by nobody); remember each item's
+# dedup key; skip a re-delivered item (key prefixed "?") whose key was already there;
+# append the rest.
 _APPEND_LUA: Final = """
-if KEYS[2] and redis.call('GET', KEYS[2]) ~= ARGV[2] then
-  return redis.error_reply('FENCED the session lease is held by another replica')
+if KEYS[2] then
+  local holder = redis.call('GET', KEYS[2])
+  if holder and holder ~= ARGV[2] then
+    return redis.error_reply('FENCED the session lease is held by another replica')
+  end
 end
 local out = {}
 for i = 3, #ARGV, 3 do
@@ -95,6 +99,9 @@ class Fence(Protocol):
     def token(self) -> str: ...
 
     def valid(self) -> bool: ...
+
+    def refused(self) -> None:
+        """Told when messages were dropped unacknowledged because of this fence."""
 
 
 @dataclass(eq=False)
