@@ -251,7 +251,8 @@ class Replicas:
                 try:
                     with trio.fail_after(self._round_timeout):
                         await self._round(nursery)
-                except (RedisError, trio.TooSlowError) as exc:
+                except (RedisError, trio.TooSlowError, ValueError, IndexError) as exc:
+                    # (ValueError, IndexError: a reply of an unexpected shape)
                     self._absent_since.clear()  # unreadable is not absent
                     why = str(exc) or "timed out"
                     if why != self._last_error:
@@ -474,6 +475,8 @@ class Replicas:
                             await c.quiesce()
                     n.cancel_scope.cancel()
             # open_mqtt's exit disconnected cleanly: now the owner may have it.
+        except Exception:  # a bug here must not take this replica's own work down
+            log.exception("HA: the adopted MQTT session of %r failed", session)
         finally:
             del self._adopted[session]
             if lease.token:
