@@ -255,8 +255,9 @@ class Replicas:
                     # (ValueError, IndexError: a reply of an unexpected shape)
                     self._absent_since.clear()  # unreadable is not absent
                     why = str(exc) or "timed out"
-                    if why != self._last_error:
-                        log.warning("HA: cannot read the replicas' leases: %s", why)
+                    # once per outage: the reason's wording changes from round to round
+                    level = logging.DEBUG if self._last_error else logging.WARNING
+                    log.log(level, "HA: cannot read the replicas' leases: %s", why)
                     self._last_error = why
                 else:
                     if self._last_error:
