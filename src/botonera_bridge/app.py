@@ -26,7 +26,7 @@ from .alarms import AlarmBook
 from .backoff import delays
 from .commands import CommandContext, escalation_loop, handle
 from .config import Settings
-from .errors import MqttError
+from .errors import MqttError, RedisError
 from .health import Health
 from .messages import Event, now_rfc3339
 from .metrics import Metrics
@@ -125,9 +125,15 @@ class Bridge:
         return Router(self.settings, self.outbox, metrics=self.metrics, observers=observers,
                       fence=fence)  # fmt: skip
 
-    async def reload_board(self) -> None:
-        """After adopting a dead replica's session: take in the open alarms (and their
-        escalation state) it wrote to Redis; this replica's own entries win."""
+    async def take_over(self, replica: str) -> None:
+        """After adopting a dead replica's MQTT session (ha.py): take its pending outbox and
+        inbox entries now (not after redis.reclaim_idle), and the open alarms (with their
+        escalation state) it wrote to Redis; this replica's own board entries win."""
+        for stream in (self.outbox.stream, self.inbox):
+            try:
+                await stream.take_over(replica)
+            except RedisError as exc:  # maintenance reclaims them later anyway
+                log.warning("cannot take over %s entries of %s: %s", stream.key, replica, exc)
         await self.book.flush()
         await self.alarms.load()
         self.book.reload()
@@ -397,7 +403,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             from .ha import Replicas
 
             bridge.replicas = Replicas(
-                s, redis, make_router=bridge.make_router, on_takeover=bridge.reload_board,
+                s, redis, make_router=bridge.make_router, on_takeover=bridge.take_over,
                 health=bridge.health, metrics=bridge.metrics,
             )  # fmt: skip
             bridge.router.fence = bridge.replicas.own

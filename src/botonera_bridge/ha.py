@@ -66,6 +66,7 @@ MAX_SESSIONS: Final = 64  # replicas looked at per round (bounds the scan)
 MAX_ADOPTED: Final = 16  # sessions one replica adopts at most
 HANDBACK_DRAIN: Final = 5.0  # seconds to finish what an adopted session took, on hand-back
 RELEASE_TIMEOUT: Final = 2.0  # seconds for the release of a lease on the way out
+TAKEOVER_HOOK_TIMEOUT: Final = 30.0  # seconds to take over a dead replica's queued work
 INTAKE_BUFFER: Final = 512  # MQTT messages between an adopted session's reader and router
 
 # KEYS: lease, registry, want. ARGV: client_id, instance, lease_ms, reuse token.
@@ -177,7 +178,7 @@ class Replicas:
         redis: Redis,
         *,
         make_router: Callable[[Lease], Router],
-        on_takeover: Callable[[], Awaitable[None]] | None = None,
+        on_takeover: Callable[[str], Awaitable[None]] | None = None,
         health: Health | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -456,7 +457,15 @@ class Replicas:
                                "lease_left_s": self.lease_s, "adopted_by": self.me}  # fmt: skip
         nursery.start_soon(self._run_adopted, adoption)
         if self._on_takeover is not None:
-            await self._on_takeover()
+            nursery.start_soon(self._took_over, self._on_takeover, session)
+
+    @staticmethod
+    async def _took_over(hook: Callable[[str], Awaitable[None]], session: str) -> None:
+        try:
+            with trio.move_on_after(TAKEOVER_HOOK_TIMEOUT):
+                await hook(session)
+        except Exception:  # the adoption itself goes on; maintenance reclaims the rest
+            log.exception("HA: taking over the queued work of %r failed", session)
 
     async def _run_adopted(self, adoption: _Adoption) -> None:
         lease = adoption.lease

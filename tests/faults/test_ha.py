@@ -30,8 +30,9 @@ DELIVERED = re.compile(r"delivered to backend: event=(\S+)")
 
 def replica(bridge_factory: Any, name: str, **extra: Any) -> BridgeProc:
     conf: dict[str, Any] = {
+        # redis.reclaim_idle stays at its default (60 s): the adopter takes the dead
+        # replica's pending outbox entries over at once
         "mqtt": {"client_id": f"bridge-{name}", "shared_group": "bridges"},
-        "redis": {"reclaim_idle": 3.0},
         "ha": {"enabled": True, "lease": LEASE},
     }
     for k, v in extra.items():

@@ -74,3 +74,23 @@ def test_ha_config_keys_and_env():
         from_mapping({"ha": {"lease": 0.1}}, env={})
     with pytest.raises(ConfigError, match="HA_ENABLED"):
         from_mapping({}, env={"HA_ENABLED": "maybe"})
+
+
+async def test_take_over_claims_a_dead_consumers_pending_entries_at_once(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link = RedisLink(redis, metrics=Metrics())
+        dead = DurableStream(link, "t:out", ("g", "h"), consumer="bridge-b", memory_limit=10)
+        live = DurableStream(link, "t:out", ("g", "h"), consumer="bridge-a", memory_limit=10)
+        await n.start(link.run)
+        await dead.append([(f"e{i}".encode(), "") for i in range(5)])
+        with trio.fail_after(5):
+            got = await dead.read("g", 3)  # read, never acked: bridge-b died delivering them
+        assert len(got) == 3
+        assert await live.take_over("bridge-b") == 3  # (group h never read them: not pending)
+        with trio.fail_after(5):
+            mine = await live.read("g", 10)
+        assert [i.data for i in mine] == [b"e0", b"e1", b"e2"]
+        pending = await redis.execute("XPENDING", "t:out", "g", "-", "+", 10, "bridge-b")
+        assert pending == []
+        assert await live.take_over("bridge-b") == 0
+        n.cancel_scope.cancel()

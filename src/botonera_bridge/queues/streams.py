@@ -513,6 +513,30 @@ class DurableStream:
         except RedisError as exc:
             self.link.down(exc)
 
+    async def take_over(self, consumer: str, limit: int = 1000) -> int:
+        """Claim at once (up to ``limit`` per group) the pending entries of ``consumer``,
+        known dead (ha.py adopted its MQTT session), instead of waiting for them to sit
+        idle ``reclaim_idle_ms``. Returns how many were taken. Raises RedisError."""
+        if not self.link.up or consumer == self.consumer:
+            return 0
+        redis = self.link.redis
+        assert redis is not None
+        taken = 0
+        for g in self.groups:
+            pending = await redis.execute("XPENDING", self.key, g, "-", "+", limit, consumer)
+            ids = [r[0].decode() for r in pending or []]
+            if not ids:
+                continue
+            reply = await redis.execute("XCLAIM", self.key, g, self.consumer, 0, *ids)
+            entries = [e for e in _entry_list(reply) if e[0] not in self._inflight[g]]
+            keep = await self._drop_poison(g, entries) if entries else []
+            self._reclaimed[g].extend(await self._accept(g, keep))
+            taken += len(keep)
+        if taken:
+            log.warning("%s: took over %d pending entries of %s", self.key, taken, consumer)
+            self._wake()
+        return taken
+
     async def _reclaim(self, group: str) -> None:
         redis = self.link.redis
         assert redis is not None
