@@ -444,8 +444,8 @@ class Replicas:
         lease.confirmed_at = trio.current_time()
         adoption = self._adopted[session] = _Adoption(lease)
         log.warning(
-            "HA takeover: replica %r stopped renewing its lease (%.1fs); %r adopts its MQTT "
-            "session (epoch %d)",
+            "HA takeover: replica %r stopped renewing its lease (ha.lease %.1fs); %r adopts "
+            "its MQTT session (epoch %d)",
             session,
             self.lease_s,
             self.me,
