@@ -26,7 +26,7 @@ from .alarms import AlarmBook
 from .backoff import delays
 from .commands import CommandContext, escalation_loop, handle
 from .config import Live, Settings
-from .errors import MqttError
+from .errors import MqttError, RedisError
 from .health import Health
 from .inbox import GROUP as INBOX_GROUP
 from .inbox import Inbox
@@ -37,7 +37,7 @@ from .outbox import DeadLetters, Outbox
 from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis
-from .queues.streams import DurableStream
+from .queues.streams import DurableStream, Fence
 from .receipts import Receipt, Timelines
 from .reload import reload
 from .router import Router
@@ -54,6 +54,8 @@ from .ws_receiver import receive
 
 if TYPE_CHECKING:
     import httpx
+
+    from .ha import Replicas
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +119,8 @@ class Bridge:
             configured=lambda empresa: self.settings.empresa(empresa) is not None,
         )
         self.timelines = Timelines(self.alarms, clock=self.book.clock)
-        self.router = Router(
-            s, self.outbox, metrics=self.metrics, observers=[self.watchdog.seen, self._observe]
-        )
+        self.router = self.make_router()
+        self.replicas: Replicas | None = None  # [ha] enabled
         self.mqtt: MqttClient | None = None
         self.ready = trio.Event()  # subscribed: the "running" log line
         self.started = trio.Event()  # every task started: systemd READY=1 (broker or not)
@@ -127,6 +128,26 @@ class Bridge:
         self._depth: dict[str, int] = {}
         self._backlog_at_start: dict[str, int] = {}
         self.ws_enabled = False
+
+    def make_router(self, fence: Fence | None = None) -> Router:
+        """A router into the outbox; ``fence``: the MQTT session lease (ha.py)."""
+        observers: list[Callable[[Event], object]] = [self.watchdog.seen, self._observe]
+        return Router(self.settings, self.outbox, metrics=self.metrics, observers=observers,
+                      fence=fence)  # fmt: skip
+
+    async def take_over(self, replica: str) -> None:
+        """After adopting a dead replica's MQTT session (ha.py): take its pending outbox and
+        inbox entries now (not after redis.reclaim_idle), and the open alarms (with their
+        escalation state) it wrote to Redis; this replica's own board entries win."""
+        for stream in (self.outbox.stream, self.inbox):
+            try:
+                await stream.take_over(replica)
+            except RedisError as exc:  # maintenance reclaims them later anyway
+                log.warning("cannot take over %s entries of %s: %s", stream.key, replica, exc)
+        await self.book.flush()
+        await self.alarms.load()
+        self.book.reload()
+        self.timelines.reload()
 
     async def _publish_receipt(self, event: Event, outcomes: dict[str, str]) -> None:
         body = {"id": event.id, "empresa": event.empresa} | outcomes
@@ -174,6 +195,7 @@ class Bridge:
             },
             "memory_fallback": not self.link.up,
             "invariante": self.invariant(),
+            "ha": self.replicas.snapshot() if self.replicas else {"enabled": False},
             "counters": _counters(self.metrics),
         }
 
@@ -364,6 +386,17 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                 open_mqtt(s.mqtt, health=bridge.health, metrics=bridge.metrics)
             )
             bridge.mqtt = mqtt
+        if s.ha.enabled and redis is not None:
+            from .ha import Replicas
+
+            bridge.replicas = Replicas(
+                s, redis, make_router=bridge.make_router, on_takeover=bridge.take_over,
+                health=bridge.health, metrics=bridge.metrics,
+            )  # fmt: skip
+            bridge.router.fence = bridge.replicas.own
+            if mqtt is not None:
+                mqtt.gate = bridge.replicas.own_gate
+                bridge.replicas.own_mqtt = mqtt
         ctx = CommandContext(
             settings=s,
             book=bridge.book,
@@ -396,6 +429,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             await bridge.alarms.load()
             bridge.book.reload()
             bridge.timelines.reload()
+            if bridge.replicas is not None:
+                await nursery.start(bridge.replicas.run)
             if s.status.listen:
                 from .status.server import serve_status  # hypercorn only when serving
 

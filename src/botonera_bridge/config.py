@@ -108,6 +108,11 @@ class StatusSettings(_Section, frozen=True):
     token_file: str = ""
 
 
+class HaSettings(_Section, frozen=True):
+    enabled: bool = False  # session adoption between replicas (needs redis.url)
+    lease: float = 10.0  # seconds a silent replica keeps its MQTT session before adoption
+
+
 class LogSettings(_Section, frozen=True):
     level: str = "INFO"
     format: str = "text"
@@ -132,6 +137,7 @@ class Settings(_Section, frozen=True):
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     escalation: EscalationSettings = EscalationSettings()
     status: StatusSettings = StatusSettings()
+    ha: HaSettings = HaSettings()
     log: LogSettings = LogSettings()
     central: tuple[str, ...] = ()
     empresas: tuple[Empresa, ...] = ()
@@ -167,6 +173,8 @@ _ENV: Final[dict[str, tuple[str, str, str]]] = {
     "HEARTBEAT_TIMEOUT": ("heartbeat", "timeout", "float"),
     "STATUS_LISTEN": ("status", "listen", "str"),
     "STATUS_TOKEN": ("status", "token", "str"),
+    "HA_ENABLED": ("ha", "enabled", "bool"),
+    "HA_LEASE": ("ha", "lease", "float"),
     "LOG_LEVEL": ("log", "level", "str"),
     "LOG_FORMAT": ("log", "format", "str"),
 }
@@ -265,6 +273,10 @@ def _parse_env(value: str, kind: str) -> Any:
         return float(value)
     if kind == "list":
         return [v.strip() for v in value.split(",") if v.strip()]
+    if kind == "bool":
+        if value.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(value)
+        return value.strip().lower() in ("1", "true", "yes", "on")
     return value
 
 
@@ -333,6 +345,16 @@ def _finish(s: Settings, source: str) -> Settings:
     if s.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"unknown log.level {s.log.level!r}", source=source, key="log.level")
     _check_values(s, source)
+    if s.ha.enabled and not s.redis.url:
+        raise ConfigError(
+            "ha.enabled needs redis.url: the replicas' leases live in Redis",
+            source=source,
+            key="ha.enabled",
+        )
+    if not 1.0 <= s.ha.lease <= 300.0:
+        raise ConfigError(
+            "ha.lease must be between 1 and 300 seconds", source=source, key="ha.lease"
+        )
     if s.status.listen and not re.match(r"^.+:\d+$", s.status.listen):
         raise ConfigError("status.listen must be host:port", source=source, key="status.listen")
     from .ids import IdentifierError, normalize_id  # local: ids imports nothing from here

@@ -8,7 +8,8 @@
     ├── DeliveryError          a sink could not deliver an event
     │   ├── TransientDelivery  worth retrying (connection error, timeout, 408/425/429/5xx)
     │   └── PermanentDelivery  never retried: dead-lettered with status and body
-    └── MqttError              the broker refused us or the connection broke
+    ├── MqttError              the broker refused us or the connection broke
+    └── FencedError            an append under an MQTT session lease this replica lost (ha)
 
 Foreign exceptions (httpx, paho, OSError) are translated at the boundary with
 ``raise ... from exc`` so callers only handle these types.
@@ -91,3 +92,10 @@ class MqttError(BridgeError):
     def __init__(self, message: str, *, rc: int | None = None) -> None:
         self.rc = rc
         super().__init__(message)
+
+
+class FencedError(BridgeError):
+    """Raised by an outbox append made under a session lease (``[ha]``) that this replica
+    no longer holds: another replica adopted the MQTT session, or this one was frozen for
+    longer than the lease. Nothing was appended; the messages stay unacknowledged and the
+    broker hands them to the session's current holder."""

@@ -95,6 +95,28 @@ class Metrics:
         )
         for result in ("applied", "refused", "failed"):
             self.config_reloads.labels(result=result)
+        self.ha_sessions = Gauge(
+            "botonera_ha_sessions",
+            "MQTT sessions this replica holds (role: own, adopted)",
+            ["role"],
+            registry=r,
+        )
+        self.ha_takeovers = Counter(
+            "botonera_ha_takeovers",
+            "MQTT sessions of silent replicas adopted by this one",
+            ["replica"],
+            registry=r,
+        )
+        self.ha_handbacks = Counter(
+            "botonera_ha_handbacks", "Adopted MQTT sessions given back", ["replica"], registry=r
+        )
+        self.ha_lease_lost = Counter(
+            "botonera_ha_lease_lost",
+            "Session leases this replica found held by another (fencing)",
+            registry=r,
+        )
+        for role in ("own", "adopted"):
+            self.ha_sessions.labels(role=role)
         for tipo in ("semaforos", "alarmas", "estado", "configuracion", "heartbeat"):
             self.received.labels(tipo=tipo)
         for sink in SINKS:

@@ -44,7 +44,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Final, NamedTuple
 
@@ -162,6 +162,8 @@ class MqttClient:
     #: Reconnect backoff (seconds); tests may lower them on an instance.
     reconnect_first: float = RECONNECT_FIRST
     reconnect_cap: float = RECONNECT_CAP
+    #: Awaited before every connection attempt (ha.py: hold the session's lease first).
+    gate: Callable[[], Awaitable[None]] | None = None
 
     def __init__(
         self,
@@ -206,6 +208,8 @@ class MqttClient:
         self._received = 0
         self._acked = 0
         self._ignored_acks = 0
+        self._taken = 0  # messages of the current connection taken from the socket
+        self._released = 0  # ... and passed back to ack() (any QoS); see quiesce()
 
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -281,6 +285,8 @@ class MqttClient:
         earlier connection or there is no connection.
         """
         if msg.qos == 0:
+            if msg.generation == self._generation:
+                self._released += 1
             return
         if msg.generation != self._generation or not self._link_up:
             self._ignored_acks += 1
@@ -293,9 +299,26 @@ class MqttClient:
             )
             return
         self._acked += 1
+        self._released += 1
         if self._client.ack(msg.mid, msg.qos) == _OK:
             self._kick()
         # Otherwise paho found the socket broken and reported it via on_disconnect.
+
+    def drop(self, reason: str) -> None:
+        """Close the current connection now, without DISCONNECT; ``run`` goes on to
+        reconnect (through :attr:`gate`). Unacked messages stay with the broker."""
+        if self._link_up:
+            log.warning("MQTT dropping the connection as %r: %s", self._client_id, reason)
+            self._mark_lost(reason)
+
+    async def quiesce(self) -> None:
+        """Stop taking new messages from the socket and return once every message already
+        taken was acked (or released) by the caller: the session can then be closed
+        without leaving anything half-processed. Bound it with ``move_on_after``."""
+        self._accepting = False
+        # polled: a rare hand-over step, bounded by the caller
+        while self._released < self._taken and self._link_up:  # noqa: ASYNC110
+            await trio.sleep(0.05)
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -346,6 +369,8 @@ class MqttClient:
         delays = self._delays()
         started = False
         while True:
+            if self.gate is not None:
+                await self.gate()
             outcome = await self._connection(subscribe, None if started else task_status)
             if outcome.up_since is not None:
                 started = True
@@ -390,6 +415,7 @@ class MqttClient:
         self._connack = None
         self._buffer.clear()
         self._accepting = True
+        self._taken = self._released = 0  # counted per connection (see quiesce)
         outcome = _Outcome(None, "connection ended", logging.WARNING)
         async with trio.open_nursery() as io:
             io.start_soon(self._reader, sock)
@@ -675,6 +701,7 @@ class MqttClient:
             MqttMessage(topic, payload, m.mid, m.qos, self._generation, time.time_ns(), bool(m.dup))
         )
         self._received += 1
+        self._taken += 1
         self._have_msgs.unpark_all()
 
     def _on_publish(

@@ -15,7 +15,7 @@ from .errors import RedisError
 from .messages import Event, decode_event, encode_event
 from .metrics import Metrics
 from .queues.link import RedisLink
-from .queues.streams import DurableStream, Item, Receipt
+from .queues.streams import DurableStream, Fence, Item, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,14 @@ class Outbox:
             g: {"ok": 0, "skipped": 0, "failed": 0} for g in GROUPS
         }
 
-    async def append(self, events: Sequence[tuple[Event, str]], *, only: str = "") -> list[Receipt]:
-        """Append (event, dedup key) pairs; see DurableStream.append. ``only``: one sink."""
+    async def append(
+        self, events: Sequence[tuple[Event, str]], *, only: str = "", fence: Fence | None = None
+    ) -> list[Receipt]:
+        """Append (event, dedup key) pairs; see DurableStream.append. ``only``: one sink;
+        ``fence``: the MQTT session lease they were received under (ha.py)."""
         skip = ",".join(g for g in GROUPS if g != only) if only else ""
-        return await self.stream.append([(encode_event(e), k) for e, k in events], skip=skip)
+        items = [(encode_event(e), k) for e, k in events]
+        return await self.stream.append(items, skip=skip, fence=fence)
 
     async def emit(self, event: Event) -> None:
         """Append one bridge-made event (watchdog, acuse). It does not wait for the memory

@@ -16,12 +16,12 @@ import msgspec
 import trio
 
 from .config import Settings
-from .errors import InvalidMessage
+from .errors import FencedError, InvalidMessage
 from .messages import Event, Heartbeat, Message, decode
 from .metrics import Metrics
 from .mqtt import MqttMessage
 from .outbox import Outbox
-from .queues.streams import SAFE, Receipt
+from .queues.streams import SAFE, Fence, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ class Router:
         *,
         metrics: Metrics,
         observers: list[Callable[[Event], object]],
+        fence: Fence | None = None,
     ) -> None:
         self.settings = settings
+        self.fence = fence  # the MQTT session lease (ha.py): nothing is processed without it
         self.outbox = outbox
         self.metrics = metrics
         self.observers = observers
@@ -77,7 +79,18 @@ class Router:
                             batch.append(recv.receive_nowait())
                         except trio.WouldBlock:
                             break
-                    for pair in await self.process(batch):
+                    try:
+                        pairs = await self.process(batch)
+                    except FencedError as exc:
+                        # Another replica holds this MQTT session now: it gets these
+                        # messages from the broker; acking or processing them here would
+                        # process them twice.
+                        self.metrics.rejected.labels(source="mqtt", reason="fenced").inc(len(batch))
+                        log.warning("dropping %d MQTT messages unprocessed: %s", len(batch), exc)
+                        if self.fence is not None:
+                            self.fence.refused()  # ha.py reconnects if the lease is still ours
+                        continue
+                    for pair in pairs:
                         await ack_send.send(pair)
 
     async def _acker(
@@ -92,6 +105,8 @@ class Router:
         """Decode a batch, append what must be delivered, and pair each message with its receipt."""
         out: list[tuple[MqttMessage, Receipt | None]] = []
         to_append: list[tuple[Event, str]] = []
+        if self.fence is not None and not self.fence.valid():
+            raise FencedError(f"session lease {self.fence.key} is not held by this replica")
         for m in batch:
             try:
                 msg, event = decode(m.payload, m.topic, m.received_ns, self._max_payload)
@@ -122,7 +137,7 @@ class Router:
                 key = f"?{event.id}" if m.dup else event.id
             to_append.append((event, key))
             out.append((m, None))
-        receipts = iter(await self.outbox.append(to_append))
+        receipts = iter(await self.outbox.append(to_append, fence=self.fence))
         return [(m, r if r is not None else next(receipts)) for m, r in out]
 
     async def _reject(self, m: MqttMessage, exc: InvalidMessage) -> None:

@@ -21,11 +21,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
-from ..errors import RedisError, RedisReplyError
+from ..errors import FencedError, RedisError, RedisReplyError
 from .link import RedisLink
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,20 @@ TOUCH_AFTER: Final = 20.0  # seconds: refresh idle time of our own in-flight ent
 MAX_DELIVERIES: Final = 10
 MIGRATION_WAIT: Final = 5.0  # seconds sinks get to finish memory entries when Redis returns
 
-# One round trip, atomic: remember each item's dedup key; skip a re-delivered item
-# (key prefixed "?") whose key was already there; append the rest.
+# One round trip, atomic: refuse everything when a fence is given (KEYS[2], the MQTT
+# session's lease, see ha.py) and another replica's token is there (ARGV[2] is ours; an
+# absent lease, e.g. after a Redis restart, was taken by nobody); remember each item's
+# dedup key; skip a re-delivered item (key prefixed "?") whose key was already there;
+# append the rest.
 _APPEND_LUA: Final = """
+if KEYS[2] then
+  local holder = redis.call('GET', KEYS[2])
+  if holder and holder ~= ARGV[2] then
+    return redis.error_reply('FENCED the session lease is held by another replica')
+  end
+end
 local out = {}
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local ok = true
   local k = ARGV[i]
   if string.sub(k, 1, 1) == '?' then
@@ -77,6 +86,22 @@ class Receipt:
 
 
 SAFE: Final = Receipt(None)
+
+
+class Fence(Protocol):
+    """An MQTT session lease (ha.py): appends under it succeed only while Redis holds
+    ``token`` at ``key``; ``valid()`` is the local check used without Redis."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def token(self) -> str: ...
+
+    def valid(self) -> bool: ...
+
+    def refused(self) -> None:
+        """Told when messages were dropped unacknowledged because of this fence."""
 
 
 @dataclass(eq=False)
@@ -144,12 +169,15 @@ class DurableStream:
         return len(self._inflight[group])
 
     # -- producing ---------------------------------------------------------------------------
-    async def append(self, items: Sequence[tuple[bytes, str]], *, skip: str = "") -> list[Receipt]:
+    async def append(
+        self, items: Sequence[tuple[bytes, str]], *, skip: str = "", fence: Fence | None = None
+    ) -> list[Receipt]:
         """Append (data, dedup_key) pairs in order. Every non-empty key is remembered; a key
         written ``"?key"`` marks a re-delivery, dropped (and reported safe) when the key was
         seen before. Only re-deliveries are checked: a panel that reuses an id after a reboot
         must never lose a fresh alarm. ``skip``: comma-separated groups that must not see
-        these items. Waits while the memory fallback is full."""
+        these items. Waits while the memory fallback is full. ``fence``: raise FencedError,
+        appending nothing, unless this replica still holds that session lease."""
         async with self._lock:
             fresh: list[tuple[bytes, str]] = []
             out: list[Receipt | None] = []
@@ -159,7 +187,7 @@ class DurableStream:
                     continue
                 fresh.append((data, key))
                 out.append(None)
-            receipts = await self._append_locked(fresh, skip)
+            receipts = await self._append_locked(fresh, skip, fence)
             it = iter(receipts)
             result = [r if r is not None else next(it) for r in out]
             for _, key in fresh:
@@ -172,17 +200,24 @@ class DurableStream:
         if len(self._seen) > MEMORY_DEDUP:
             self._seen.popitem(last=False)
 
-    async def _append_locked(self, items: list[tuple[bytes, str]], skip: str) -> list[Receipt]:
+    async def _append_locked(
+        self, items: list[tuple[bytes, str]], skip: str, fence: Fence | None = None
+    ) -> list[Receipt]:
         if not items:
             return []
+        if fence is not None and not fence.valid():
+            raise FencedError(f"{self.key}: not appending, session lease {fence.key} lost")
         if self.link.up:
             try:
                 if self._mem:
                     await self._migrate_locked()
-                self.appended += await self._xadd(items, [skip] * len(items) if skip else ())
+                skips = [skip] * len(items) if skip else ()
+                self.appended += await self._xadd(items, skips, fence)
                 return [SAFE] * len(items)
             except RedisError as exc:
                 self.link.down(exc)
+            if fence is not None and not fence.valid():  # checked again: the append may be late
+                raise FencedError(f"{self.key}: not appending, session lease {fence.key} lost")
         receipts = []
         for data, _ in items:
             while len(self._mem) >= self.memory_limit:
@@ -209,11 +244,18 @@ class DurableStream:
         self._wake()
         return receipts
 
-    async def _xadd(self, items: Sequence[tuple[bytes, str]], skips: Sequence[str] = ()) -> int:
-        """Run the append script; returns how many items were added (re-deliveries dropped)."""
+    async def _xadd(
+        self,
+        items: Sequence[tuple[bytes, str]],
+        skips: Sequence[str] = (),
+        fence: Fence | None = None,
+    ) -> int:
+        """Run the append script; returns how many items were added (re-deliveries dropped).
+        Raises FencedError when ``fence`` no longer holds its token."""
         redis = self.link.redis
         assert redis is not None
-        args: list[bytes | str | int] = [DEDUP_TTL]
+        keys = [self.key, fence.key] if fence is not None else [self.key]
+        args: list[bytes | str | int] = [DEDUP_TTL, fence.token if fence is not None else ""]
         for i, (data, key) in enumerate(items):
             if key.startswith("?"):
                 key = f"?{self.dedup_prefix}{key[1:]}"
@@ -223,12 +265,17 @@ class DurableStream:
         if not self._sha:
             self._sha = (await redis.execute("SCRIPT", "LOAD", _APPEND_LUA)).decode()
         try:
-            ids = await redis.execute("EVALSHA", self._sha, 1, self.key, *args)
+            try:
+                ids = await redis.execute("EVALSHA", self._sha, len(keys), *keys, *args)
+            except RedisReplyError as exc:
+                if exc.code != "NOSCRIPT":
+                    raise
+                self._sha = ""
+                ids = await redis.execute("EVAL", _APPEND_LUA, len(keys), *keys, *args)
         except RedisReplyError as exc:
-            if exc.code != "NOSCRIPT":
-                raise
-            self._sha = ""
-            ids = await redis.execute("EVAL", _APPEND_LUA, 1, self.key, *args)
+            if exc.code == "FENCED":
+                raise FencedError(f"{self.key}: {exc}") from exc
+            raise
         return sum(1 for i in ids if i is not None)
 
     def _wake(self) -> None:
@@ -465,6 +512,30 @@ class DurableStream:
             await self._trim()
         except RedisError as exc:
             self.link.down(exc)
+
+    async def take_over(self, consumer: str, limit: int = 1000) -> int:
+        """Claim at once (up to ``limit`` per group) the pending entries of ``consumer``,
+        known dead (ha.py adopted its MQTT session), instead of waiting for them to sit
+        idle ``reclaim_idle_ms``. Returns how many were taken. Raises RedisError."""
+        if not self.link.up or consumer == self.consumer:
+            return 0
+        redis = self.link.redis
+        assert redis is not None
+        taken = 0
+        for g in self.groups:
+            pending = await redis.execute("XPENDING", self.key, g, "-", "+", limit, consumer)
+            ids = [r[0].decode() for r in pending or []]
+            if not ids:
+                continue
+            reply = await redis.execute("XCLAIM", self.key, g, self.consumer, 0, *ids)
+            entries = [e for e in _entry_list(reply) if e[0] not in self._inflight[g]]
+            keep = await self._drop_poison(g, entries) if entries else []
+            self._reclaimed[g].extend(await self._accept(g, keep))
+            taken += len(keep)
+        if taken:
+            log.warning("%s: took over %d pending entries of %s", self.key, taken, consumer)
+            self._wake()
+        return taken
 
     async def _reclaim(self, group: str) -> None:
         redis = self.link.redis
