@@ -14,7 +14,7 @@ import pytest
 from tests.servers.whatsapp_api import FakeWhatsApp
 from tests.support.bridge import BridgeProc, wait_until
 from tests.support.gateway import GatewayProc
-from tests.support.webhook import MetaWebhook, record_message_ids
+from tests.support.webhook import MetaWebhook
 
 ANA = "+573001112233"
 BETO = "+573004445566"
@@ -77,7 +77,6 @@ def page_dom(bridge: BridgeProc, tmp_path: Path) -> str:
 
 def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     """Must-show 10.7."""
-    ids = record_message_ids(wa)
     bridge = bridge_factory(
         conf={
             "whatsapp": {
@@ -108,7 +107,9 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
             "sede": "principal",
         }
     )
-    sent = wait_until(lambda: len({n for n, _ in ids}) >= 2 and list(ids), 10, "A and B reached")
+    sent = wait_until(
+        lambda: len({n for n, _ in wa.sent_ids()}) >= 2 and wa.sent_ids(), 10, "A and B reached"
+    )
     msg_of = {number: mid for number, mid in sent}
     alarm = open_alarm(bridge, STATUS_TOKEN)
     event_id = alarm["id"]
@@ -189,7 +190,6 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
 
 def test_waha_read_receipt_shows_in_the_timeline(bridge_factory, wa, publisher):
     """Must-show 10.8."""
-    ids = record_message_ids(wa)
     gateway = GatewayProc()
     try:
         bridge = bridge_factory(
@@ -203,7 +203,7 @@ def test_waha_read_receipt_shows_in_the_timeline(bridge_factory, wa, publisher):
         publisher.publish(
             {"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "empresa": "cota", "sede": "sur"}
         )
-        ((number, mid),) = wait_until(lambda: list(ids), 10, "the alarm sent through WAHA")
+        ((number, mid),) = wait_until(wa.sent_ids, 10, "the alarm sent through WAHA")
         assert number == ANA.lstrip("+")
         event_id = open_alarm(bridge)["id"]
         ack = {

@@ -62,6 +62,7 @@ class Recorded:
     json: Any
     status: int  # what we answered
     error_code: int | None = None  # the Graph error code we answered with, if any
+    message_id: str | None = None  # the id we answered an accepted send with
 
 
 @dataclass
@@ -109,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, answer, extra = self._answer(call, cfg, body, arrived)
             error = answer.get("error")
             code = error.get("code") if isinstance(error, dict) else None
+            sent_id = answer.get("messages", [{}])[0].get("id") or answer.get("id", {})
+            sent_id = sent_id.get("_serialized") if isinstance(sent_id, dict) else sent_id
             state.requests.append(
                 Recorded(
                     at=arrived,
@@ -118,6 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
                     json=body,
                     status=status,
                     error_code=code if isinstance(code, int) else None,
+                    message_id=sent_id if status < 300 and isinstance(sent_id, str) else None,
                 )
             )
         data = json.dumps(answer).encode()
@@ -224,6 +228,14 @@ class FakeWhatsApp:
             state.calls = 0
             state.requests.clear()
             state.last_sent.clear()
+
+    def sent_ids(self) -> list[tuple[str, str]]:
+        """(recipient digits, message id) of each accepted send, in order."""
+        return [
+            (_number(r.json, r.path == "/api/sendText"), r.message_id)
+            for r in self.requests()
+            if r.message_id is not None
+        ]
 
     def requests(self, path: str | None = None) -> list[Recorded]:
         state = self._server.state

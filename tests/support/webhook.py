@@ -7,8 +7,8 @@
 
 Bodies have the shape of ``../shared/samples/cloud-webhooks.jsonl``.
 
-:func:`record_message_ids` makes a FakeWhatsApp remember the message id it answered
-each send with (the id statuses refer to), without touching the fake server's code.
+The Cloud API test server records the id it answered each send with (`sent_ids()`),
+the id statuses refer to.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
-
-from tests.servers import whatsapp_api
-from tests.servers.whatsapp_api import FakeWhatsApp
 
 PATH = "/webhooks/whatsapp"
 
@@ -117,24 +113,3 @@ class MetaWebhook:
             "recipient_id": recipient_digits,
         }
         return self.post(envelope({"statuses": [item]}), secret=secret)
-
-
-def record_message_ids(wa: FakeWhatsApp) -> list[tuple[str, str]]:
-    """From now on, ``wa`` appends (recipient digits, message id) for each accepted send."""
-    seen: list[tuple[str, str]] = []
-    lock = threading.Lock()
-    base = wa._server.RequestHandlerClass  # noqa: SLF001 - observing, not changing, the fake
-
-    class Recording(base):  # type: ignore[misc,valid-type]
-        def _answer(self, call: int, cfg: Any, body: Any) -> Any:
-            status, answer, extra = super()._answer(call, cfg, body)
-            if status < 300 and isinstance(body, dict):
-                waha = self.path == "/api/sendText"
-                number = whatsapp_api._number(body, waha)  # noqa: SLF001
-                mid = answer["id"]["_serialized"] if waha else answer["messages"][0]["id"]
-                with lock:
-                    seen.append((number, mid))
-            return status, answer, extra
-
-    wa._server.RequestHandlerClass = Recording  # noqa: SLF001
-    return seen
