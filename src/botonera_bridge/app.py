@@ -36,13 +36,14 @@ from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis
 from .queues.streams import DurableStream
+from .redact import mask_url, mask_urls_in
 from .router import Router
 from .sdnotify import notify_loop, stopping
 from .sinks.backend import BackendSink
 from .sinks.http11 import Http11Pool, open_pool
 from .sinks.whatsapp import WhatsAppSink
 from .state import HashStore
-from .watchdog import Watchdog
+from .watchdog import Watchdog, inventory
 from .whatsapp_api import open_sender
 from .ws_receiver import Inbound, receive
 
@@ -104,6 +105,9 @@ class Bridge:
             store=self.devices,
             emit=self.outbox.emit,
             metrics=self.metrics,
+            max_devices=s.heartbeat.max_devices,
+            forget_after=s.heartbeat.forget_after,
+            inventory=inventory(s.empresas),
         )
         self.book = AlarmBook(
             self.alarms, escalation_after=s.escalation.after, escalation_max=s.escalation.max
@@ -211,6 +215,8 @@ class Bridge:
             for c in ("mqtt", "redis", "websocket")
         }
         backend_error = self.backend_sink.last_error if self.backend_sink else ""
+        for c in comp.values():
+            c["detalle"] = mask_urls_in(str(c["detalle"]))
         comp["backend"] = {"up": not backend_error, "detalle": backend_error}
         if not self.ws_enabled:
             comp["websocket"] = {"up": False, "detalle": "desactivado"}
@@ -458,7 +464,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             log.info(
                 "botonera-bridge running: mqtt=%s websocket=%s redis=%s status=%s",
                 f"{s.mqtt.broker}:{s.mqtt.port}" if mqtt is not None else "off",
-                s.websocket.url if bridge.ws_enabled else "off",
+                mask_url(s.websocket.url) if bridge.ws_enabled else "off",
                 "up" if bridge.link.up else ("memory" if s.redis.url else "off"),
                 s.status.listen or "off",
             )

@@ -9,7 +9,10 @@ from typing import Any, Final
 
 import msgspec
 
+from .redact import escape
+
 _encoder: Final = msgspec.json.Encoder()
+MESSAGE_LIMIT: Final = 20000  # characters of one log message
 _STD: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -28,12 +31,22 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(out).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """One record, one line: control characters in the message are escaped, so text from
+    outside that slipped through unescaped still cannot forge a line (tracebacks, added
+    after the message, keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - stdlib name
+        record.message = escape(record.message, limit=MESSAGE_LIMIT)
+        return super().formatMessage(record)
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
