@@ -287,8 +287,8 @@ def decode(payload: bytes, topic: str, received_ns: int, max_payload: int) -> tu
     t_empresa = t_sede = ""
     if len(parts) >= 2:
         try:
-            t_empresa = normalize_id(parts[1], "empresa")
-            t_sede = normalize_id(parts[2], "sede") if len(parts) >= 3 else ""
+            t_empresa = normalize_id(parts[1], "empresa") if parts[1] else ""
+            t_sede = normalize_id(parts[2], "sede") if len(parts) >= 3 and parts[2] else ""
         except IdentifierError as exc:
             raise InvalidMessage("invalid_identifier", str(exc), topic=topic) from exc
     empresa = _ident(msg.empresa, "empresa", t_empresa, topic, False)
