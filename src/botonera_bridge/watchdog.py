@@ -38,6 +38,7 @@ from typing import Final, Literal
 
 import msgspec
 import trio
+from prometheus_client import Gauge
 
 from .config import Empresa
 from .ids import stable_id
@@ -137,6 +138,10 @@ class Watchdog:
             "online": 0, "offline": 0, "nunca visto": 0, "esperando": 0
         }  # fmt: skip
         self._capped = False  # the max_devices WARNING is logged once per episode
+        # the gauge children, looked up once: labels() costs more than the rest of seen()
+        self._gauges: dict[str, Gauge] = {}
+        if metrics is not None:
+            self._gauges = {s: metrics.devices.labels(state=lb) for s, lb in _GAUGE_LABEL.items()}
         self.period = min(MAX_CHECK_PERIOD, timeout / 4)
         self._store = store
         self._emit = emit
@@ -216,11 +221,9 @@ class Watchdog:
             self._counts[old] -= 1
         if new is not None:
             self._counts[new] += 1
-        if self._metrics is not None:
-            for state in {old, new}:
-                if state is not None and state in _GAUGE_LABEL:
-                    label = _GAUGE_LABEL[state]
-                    self._metrics.devices.labels(state=label).set(self._counts[state])
+        for state in (old, new):
+            if state is not None and (gauge := self._gauges.get(state)) is not None:
+                gauge.set(self._counts[state])
 
     # -- readers -------------------------------------------------------------------
 
