@@ -54,7 +54,6 @@ class Heartbeat(PanelMessage, tag="heartbeat"):
 
 Message = Semaforo | Alarma | Estado | Configuracion | Heartbeat
 _decoder: Final = msgspec.json.Decoder(Message)
-_probe: Final = msgspec.json.Decoder(dict[str, Any])
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,12 +95,15 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
             head = body[:-1].rstrip()
             sep = b"" if head.endswith(b"{") else b","
             return head + sep + b'"_bridge":' + tail + b"}"
-        obj = _probe.decode(self.payload)
+        # numbers read as Decimal and written back as numbers: a 1e400 a lenient alarm
+        # was accepted with must not make its delivery fail
+        obj = _lenient.decode(self.payload)
         obj["_bridge"] = meta
-        return _encoder.encode(obj)
+        return _number_encoder.encode(obj)
 
 
 _encoder: Final = msgspec.json.Encoder()
+_number_encoder: Final = msgspec.json.Encoder(decimal_format="number")
 _event_codec: Final = msgspec.msgpack.Encoder()
 _event_decoder: Final = msgspec.msgpack.Decoder(Event)
 

@@ -112,3 +112,15 @@ def test_identity_includes_the_payload_digest() -> None:
     bare = json.dumps({"tipo_mensaje": "alarmas", "empresa": "cota"}).encode()
     assert dec(bare)[1].id != dec(bare)[1].id
     assert dec(bare)[1].id[14] == "7"
+
+
+def test_backend_body_when_the_panel_sent_its_own_bridge_key() -> None:
+    raw = b'{"tipo_mensaje":"alarmas","empresa":"cota","seq":1e400,"_bridge":{"x":1}} '
+    _, ev = dec(raw)
+    body = ev.backend_body()
+    assert b"1E+400" in body
+    assert json.loads(body)["_bridge"]["flags"] == [
+        "seq_invalido",
+        "sin_tipo_alarma",
+        "sin_descripcion",
+    ]
