@@ -185,7 +185,6 @@ class Bridge:
     # -- status --------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         s = self.settings
-        devices = self.watchdog.devices()
         book = self.book.snapshot()
         empresas = []
         for e in s.empresas:
@@ -203,8 +202,7 @@ class Bridge:
                             "state": d.state,
                             "last_seen": _rfc(d.last_seen),
                         }
-                        for d in devices
-                        if d.empresa == e.id
+                        for d in self.watchdog.devices(e.id)
                     ],
                     "alarmas": book.get(e.id, []),
                 }

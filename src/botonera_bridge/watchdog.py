@@ -148,6 +148,7 @@ class Watchdog:
         self._metrics = metrics
         self._wall = wall
         self._devices: dict[str, _Device] = {}
+        self._by_empresa: dict[str, dict[str, _Device]] = {}  # empresa -> key -> device
         self._dirty: set[str] = set()
         # keys whose transition event is not emitted yet: never persisted meanwhile,
         # so a crash before emission re-declares rather than forgets the transition
@@ -180,9 +181,8 @@ class Watchdog:
                 self._refuse(key)
                 return
             dev = _Device(event.empresa, event.sede, event.dispositivo, self._wall(), "online")
-            self._devices[key] = dev
+            self._add(key, dev)
             self._dirty.add(key)
-            self._count(None, "online")
             return
         now = self._wall()
         if dev.state == "offline":
@@ -227,8 +227,15 @@ class Watchdog:
 
     # -- readers -------------------------------------------------------------------
 
-    def devices(self) -> list[DeviceState]:
-        """Every watched device, sorted by key (a listed panel not yet due is left out)."""
+    def _add(self, key: str, dev: _Device) -> None:
+        self._devices[key] = dev
+        self._by_empresa.setdefault(dev.empresa, {})[key] = dev
+        self._count(None, dev.state)
+
+    def devices(self, empresa: str | None = None) -> list[DeviceState]:
+        """Every watched device (of ``empresa``: an index, not a scan), sorted by key; a
+        listed panel not yet due is left out."""
+        devices = self._devices if empresa is None else self._by_empresa.get(empresa, {})
         return [
             DeviceState(
                 key=key,
@@ -238,7 +245,7 @@ class Watchdog:
                 state=d.state,
                 last_seen=d.last_seen,
             )
-            for key, d in sorted(self._devices.items())
+            for key, d in sorted(devices.items())
             if d.state != "esperando"
         ]
 
@@ -291,10 +298,12 @@ class Watchdog:
                     self._refuse(key)
                     continue
                 state: _State = stored.state if stored.state in _GAUGE_LABEL else "online"
-                self._devices[key] = _Device(
-                    stored.empresa, stored.sede, stored.dispositivo, stored.last_seen, state
+                self._add(
+                    key,
+                    _Device(
+                        stored.empresa, stored.sede, stored.dispositivo, stored.last_seen, state
+                    ),
                 )
-                self._count(None, state)
             elif stored.state == "offline" and key not in self._pending:
                 # seen before the store was loaded, but it had been declared offline
                 self._queue_online(key, dev, dev.last_seen, stored.last_seen)
@@ -302,10 +311,7 @@ class Watchdog:
             key = f"{empresa}/{sede or '-'}/{dispositivo or '-'}"
             if key not in self._devices:
                 assert self._started_at is not None
-                self._devices[key] = _Device(
-                    empresa, sede, dispositivo, self._started_at, "esperando"
-                )
-                self._count(None, "esperando")
+                self._add(key, _Device(empresa, sede, dispositivo, self._started_at, "esperando"))
         self._loaded = True
 
     def _forget(self, now: float) -> None:
@@ -319,6 +325,7 @@ class Watchdog:
         ]  # fmt: skip
         for key in old:
             dev = self._devices.pop(key)
+            self._by_empresa.get(dev.empresa, {}).pop(key, None)
             self._count(dev.state, None)
             self._dirty.discard(key)
             self._store.delete(key)

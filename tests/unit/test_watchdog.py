@@ -358,6 +358,8 @@ async def test_only_what_promised_to_beat_is_watched(autojump_clock) -> None:
             wd.seen(msg("", empresa="", sede=""))  # heartbeat, no identity
             wd.seen(msg("hb1"))
             assert [d.key for d in wd.devices()] == ["cota/principal/hb1"]
+            assert [d.key for d in wd.devices("cota")] == ["cota/principal/hb1"]
+            assert wd.devices("madrid") == []
             assert counter(metrics, "botonera_heartbeats_unidentified_total") == 1
             await sleep_to(2.0)
             wd.seen(msg("hb1", tipo="alarmas"))  # watched now: an alarm refreshes it
@@ -446,6 +448,7 @@ async def test_forget_after(autojump_clock) -> None:
             wd.seen(msg("new"))
             await sleep_to(230.0)
             assert [d.key for d in wd.devices()] == ["cota/principal/new"]
+            assert [d.key for d in wd.devices("cota")] == ["cota/principal/new"]
             assert counter(metrics, "botonera_devices_forgotten_total") == 1
             assert gauge(metrics, "offline") == 1
         assert list(redis.hashes[KEY]) == ["cota/principal/new"]
