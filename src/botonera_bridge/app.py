@@ -411,7 +411,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                         task_status=task_status,
                     )
                 )
-            await nursery.start(bridge.watchdog.run)
+            await bridge.watchdog.load()
+            nursery.start_soon(_supervise, "watchdog", bridge.health, bridge.watchdog.loop)
             for stream in (bridge.outbox.stream, bridge.inbox):
                 nursery.start_soon(
                     _supervise, f"maintenance {stream.key}", bridge.health, stream.run_maintenance

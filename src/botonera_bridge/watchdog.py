@@ -257,16 +257,26 @@ class Watchdog:
     # -- the task ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load persisted state, then declare silent devices offline and emit online
-        events until cancelled. Writes state at most once per check period, and once
-        more (shielded, bounded) on the way out."""
+        """:meth:`load`, then :meth:`loop` until cancelled."""
+        await self.load()
+        task_status.started()
+        await self.loop()
+
+    async def load(self) -> None:
+        """Load persisted state (once, before any check)."""
         await self._store.load()
         self._started_at = self._wall()
         self._adopt_stored()
-        task_status.started()
         log.info(
             "watchdog running: %d devices known, timeout %.0fs", len(self._devices), self.timeout
         )
+
+    async def loop(self) -> None:
+        """Declare silent devices offline and emit online events until cancelled. Writes
+        state at most once per check period, and once more (shielded, bounded) on the way
+        out. Re-entrant: after a crash the app's supervisor calls it again, and a transition
+        whose event may not be out is declared again (same event id)."""
+        self._resume()
         last_flush = -math.inf
         last_forget = self._wall()
         try:
@@ -284,6 +294,16 @@ class Watchdog:
         finally:
             with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
                 await self._flush()
+
+    def _resume(self) -> None:
+        """Offline transitions an interrupted run left half-done go back to online, so
+        _expire declares them again with the same id (queued online events stay queued)."""
+        queued = {key for key, _ in self._online_queue}
+        for key in list(self._pending - queued):
+            dev = self._devices.get(key)
+            if dev is not None and dev.state == "offline":
+                self._set_state(dev, "online")
+            self._pending.discard(key)
 
     def _adopt_stored(self) -> None:
         for key, raw in self._store.data.items():

@@ -452,3 +452,41 @@ async def test_forget_after(autojump_clock) -> None:
             assert counter(metrics, "botonera_devices_forgotten_total") == 1
             assert gauge(metrics, "offline") == 1
         assert list(redis.hashes[KEY]) == ["cota/principal/new"]
+
+
+async def test_supervised_loop_restarts_after_a_bug_and_redeclares(autojump_clock) -> None:
+    """The app's supervisor restarts ``loop`` after a bug in emit: the offline transition
+    it interrupted is declared again, with the same id, and the watchdog goes on."""
+    from botonera_bridge.app import _supervise
+    from botonera_bridge.health import Health
+
+    got: list[tuple[float, Event]] = []
+    calls = 0
+
+    async def buggy_emit(ev: Event) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected bug")
+        got.append((trio.current_time(), ev))
+
+    wd = Watchdog(timeout=10.0, store=HashStore(KEY, None), emit=buggy_emit, wall=trio.current_time)
+    health = Health(60.0)
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            await wd.load()
+            nursery.start_soon(_supervise, "watchdog", health, wd.loop)
+            wd.seen(msg("p1"))
+            wd.seen(msg("p2"))
+            await sleep_to(5.0)
+            wd.seen(msg("p2"))
+            await sleep_to(40.0)
+            keys = [(e.device_key, e.detail["status"]) for _, e in got]
+            assert keys == [("cota/principal/p1", "offline"), ("cota/principal/p2", "offline")]
+            assert 10.0 < got[0][0] <= 12.0  # after the supervisor's backoff
+            assert got[1][0] == 15.0
+            assert {d.key: d.state for d in wd.devices()} == {
+                "cota/principal/p1": "offline",
+                "cota/principal/p2": "offline",
+            }
+            nursery.cancel_scope.cancel()
