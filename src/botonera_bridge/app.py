@@ -39,6 +39,7 @@ from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis
 from .queues.streams import DurableStream, Fence
 from .receipts import Receipt, Timelines
+from .redact import mask_url, mask_urls_in
 from .reload import reload
 from .router import Router
 from .sdnotify import notify_loop, stopping
@@ -47,7 +48,7 @@ from .sinks.http11 import Http11Pool, open_pool
 from .sinks.whatsapp import WhatsAppSink
 from .state import HashStore
 from .status.model import empresas_view
-from .watchdog import Watchdog
+from .watchdog import Watchdog, inventory
 from .webhook import Webhook
 from .whatsapp_api import open_sender
 from .ws_receiver import receive
@@ -110,6 +111,9 @@ class Bridge:
             store=self.devices,
             emit=self.outbox.emit,
             metrics=self.metrics,
+            max_devices=s.heartbeat.max_devices,
+            forget_after=s.heartbeat.forget_after,
+            inventory=inventory(s.empresas),
         )
         self.inbound = Inbox(self.inbox, dead=self.dead, metrics=self.metrics)
         self.book = AlarmBook(
@@ -183,6 +187,8 @@ class Bridge:
             for c in ("mqtt", "redis", "websocket")
         }
         backend_error = self.backend_sink.last_error if self.backend_sink else ""
+        for c in comp.values():
+            c["detalle"] = mask_urls_in(str(c["detalle"]))
         comp["backend"] = {"up": not backend_error, "detalle": backend_error}
         if not self.ws_enabled:
             comp["websocket"] = {"up": False, "detalle": "desactivado"}
@@ -446,7 +452,8 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                         task_status=task_status,
                     )
                 )
-            await nursery.start(bridge.watchdog.run)
+            await bridge.watchdog.load()
+            nursery.start_soon(_supervise, "watchdog", bridge.health, bridge.watchdog.loop)
             for stream in (bridge.outbox.stream, bridge.inbox):
                 nursery.start_soon(
                     _supervise, f"maintenance {stream.key}", bridge.health, stream.run_maintenance
@@ -507,7 +514,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             log.info(
                 "botonera-bridge running: mqtt=%s websocket=%s redis=%s status=%s",
                 f"{s.mqtt.broker}:{s.mqtt.port}" if mqtt is not None else "off",
-                s.websocket.url if bridge.ws_enabled else "off",
+                mask_url(s.websocket.url) if bridge.ws_enabled else "off",
                 "up" if bridge.link.up else ("memory" if s.redis.url else "off"),
                 s.status.listen or "off",
             )

@@ -19,6 +19,7 @@ from .errors import MqttError, RedisError
 from .health import Health
 from .mqtt import MqttClient, MqttMessage, open_mqtt
 from .queues.redis_client import open_redis
+from .redact import mask_urls_in
 
 CHECK_TIMEOUT: Final = 5.0  # seconds per check
 STATUS_TOPIC: Final = "botonera-bridge/status"
@@ -242,7 +243,10 @@ async def run_checks(settings: Settings) -> list[Result]:
     async with trio.open_nursery() as n:
         for i in range(len(checks)):
             n.start_soon(one, i)
-    return [r for r in results if r is not None]
+    # one place for every line printed: a secret inside a URL never shows
+    return [
+        (ok, mask_urls_in(name), mask_urls_in(detail)) for ok, name, detail in filter(None, results)
+    ]
 
 
 async def publish_once(settings: Settings, topic: str, payload: bytes) -> None:

@@ -19,7 +19,7 @@ from . import config as config_mod
 from . import log as log_mod
 from .config import Settings
 from .errors import BridgeError, ConfigError, MqttError, RedisError
-from .ids import IdentifierError, normalize_id, stable_id
+from .ids import IdentifierError, normalize_id
 
 EXIT_OK: Final = 0
 EXIT_FAIL: Final = 1
@@ -433,7 +433,14 @@ def send_test_identity(empresa: str) -> tuple[dict[str, Any], str]:
         "id": test_id,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return body, stable_id(empresa, "", "", "alarmas", "id", test_id)
+    # the id the bridge derives (identity + digest of these exact bytes, as send-test
+    # publishes them)
+    import msgspec
+
+    from .messages import decode
+
+    _, event = decode(msgspec.json.encode(body), "empresas", 0, 1 << 20)
+    return body, event.id
 
 
 def _daemon_args(argv: list[str]) -> tuple[str | None, bool, bool] | None:

@@ -94,6 +94,8 @@ class WhatsappSettings(_Section, frozen=True):
 class HeartbeatSettings(_Section, frozen=True):
     timeout: float = 90.0  # seconds of silence before a panel is offline
     stall_timeout: float = 60.0  # seconds a sink may sit on pending work
+    max_devices: int = 10000  # panels watched at most; more is a WARNING and a metric
+    forget_after: float = 604800.0  # seconds of silence before a panel is forgotten (7 days)
 
 
 class EscalationSettings(_Section, frozen=True):
@@ -122,6 +124,7 @@ class Empresa(_Section, frozen=True):
     id: str
     nombre: str = ""
     contactos: tuple[str, ...] = ()
+    paneles: tuple[str, ...] = ()  # "sede/dispositivo" ("-" for none): watched from the start
 
     @property
     def label(self) -> str:
@@ -355,6 +358,16 @@ def _finish(s: Settings, source: str) -> Settings:
         raise ConfigError(
             "ha.lease must be between 1 and 300 seconds", source=source, key="ha.lease"
         )
+    if s.heartbeat.max_devices < 1:
+        raise ConfigError(
+            "heartbeat.max_devices must be at least 1", source=source, key="heartbeat.max_devices"
+        )
+    if not s.heartbeat.forget_after > s.heartbeat.timeout:
+        raise ConfigError(
+            "heartbeat.forget_after must be longer than heartbeat.timeout",
+            source=source,
+            key="heartbeat.forget_after",
+        )
     if s.status.listen and not re.match(r"^.+:\d+$", s.status.listen):
         raise ConfigError("status.listen must be host:port", source=source, key="status.listen")
     from .ids import IdentifierError, normalize_id  # local: ids imports nothing from here
@@ -369,7 +382,8 @@ def _finish(s: Settings, source: str) -> Settings:
             _check_phone(c, source, f"empresas[{i}].contactos")
         builtin = empresas.get(eid)
         nombre = e.nombre or (builtin.nombre if builtin else "")
-        empresas[eid] = Empresa(id=eid, nombre=nombre, contactos=e.contactos)
+        paneles = tuple(_panel(p, source, f"empresas[{i}].paneles") for p in e.paneles)
+        empresas[eid] = Empresa(id=eid, nombre=nombre, contactos=e.contactos, paneles=paneles)
     for c in s.central:
         _check_phone(c, source, "central")
     return msgspec.structs.replace(
@@ -434,6 +448,20 @@ def _check_values(s: Settings, source: str) -> None:
             )
 
 
+def _panel(value: str, source: str, key: str) -> str:
+    """``"Sede Norte/p1"`` -> ``"sede_norte/p1"``; ``"-"`` stands for a missing part."""
+    from .ids import IdentifierError, normalize_id
+
+    sede, slash, dispositivo = value.partition("/")
+    if not slash or "/" in dispositivo:
+        raise ConfigError(f"{value!r} is not 'sede/dispositivo'", source=source, key=key)
+    try:
+        parts = [p if p.strip() == "-" else normalize_id(p, "panel") for p in (sede, dispositivo)]
+    except IdentifierError as exc:
+        raise ConfigError(str(exc), source=source, key=key) from exc
+    return "/".join(p.strip() for p in parts)
+
+
 def _check_phone(number: str, source: str, key: str) -> None:
     if not _E164.match(number):
         raise ConfigError(f"{number!r} is not an E.164 number (+57...)", source=source, key=key)
@@ -443,16 +471,23 @@ def mask(secret: str) -> str:
     return "" if not secret else "****"
 
 
+def _masked_value(key: str, value: Any, walk: Any) -> Any:
+    from .redact import mask_url  # local: keeps config's imports minimal
+
+    if isinstance(value, str):
+        if key in SECRET_KEYS:
+            return mask(value)
+        return mask_url(value) if "://" in value else value  # a secret inside a URL
+    return walk(value)
+
+
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective configuration as plain data, every secret replaced by ****."""
     data: dict[str, Any] = msgspec.to_builtins(settings)
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
-            return {
-                k: (mask(v) if k in SECRET_KEYS and isinstance(v, str) else walk(v))
-                for k, v in node.items()
-            }
+            return {k: _masked_value(k, v, walk) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
         return node

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import trio
 
+from .redact import mask_urls_in
+
 
 class Health:
     """What each long-lived component last said about itself.
@@ -36,7 +38,8 @@ class Health:
 
     def set(self, component: str, up: bool, reason: str = "") -> None:
         self.up[component] = up
-        self.why_down[component] = "" if up else (reason or "down")
+        # reasons reach /readyz, STATUS= and the status page: no secret inside a URL
+        self.why_down[component] = "" if up else (mask_urls_in(reason) or "down")
 
     def progress(self, sink: str, pending: int) -> None:
         """A sink finished an item (or reports its backlog); resets its stall timer."""

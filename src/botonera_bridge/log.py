@@ -11,7 +11,10 @@ from typing import Any, Final
 
 import msgspec
 
+from .redact import escape
+
 _encoder: Final = msgspec.json.Encoder()
+MESSAGE_LIMIT: Final = 20000  # characters of one log message
 _STD: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -30,6 +33,16 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(out).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """One record, one line: control characters in the message are escaped, so text from
+    outside that slipped through unescaped still cannot forge a line (tracebacks, added
+    after the message, keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - stdlib name
+        record.message = escape(record.message, limit=MESSAGE_LIMIT)
+        return super().formatMessage(record)
+
+
 # sd-daemon(3) priorities: journald reads a "<N>" prefix as the line's priority
 _PRIORITY: Final = {
     logging.CRITICAL: 2,
@@ -40,7 +53,7 @@ _PRIORITY: Final = {
 }
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(TextFormatter):
     """Text lines with a ``<N>`` priority prefix (``journalctl -p warning`` works) and
     no timestamp of their own: the journal stamps every line."""
 
@@ -75,7 +88,7 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     elif on_journal():
         handler.setFormatter(JournalFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -66,6 +66,27 @@ class Metrics:
             ["source", "reason"],
             registry=r,
         )
+        self.flagged = Counter(
+            "botonera_flagged",
+            "Events forwarded with a flag (odd metadata kept as is, missing fields)",
+            ["flag"],
+            registry=r,
+        )
+        self.heartbeats_unidentified = Counter(
+            "botonera_heartbeats_unidentified",
+            "Heartbeats without any identity (no empresa): counted, not watched",
+            registry=r,
+        )
+        self.devices_capped = Counter(
+            "botonera_devices_capped",
+            "New panels not watched because heartbeat.max_devices was reached",
+            registry=r,
+        )
+        self.devices_forgotten = Counter(
+            "botonera_devices_forgotten",
+            "Panels forgotten after heartbeat.forget_after of silence",
+            registry=r,
+        )
         self.whatsapp_sent = Counter(
             "botonera_whatsapp_sent", "WhatsApp messages sent", ["kind"], registry=r
         )
@@ -122,7 +143,7 @@ class Metrics:
         for sink in SINKS:
             self.delivered.labels(sink=sink)
             self.retries.labels(sink=sink)
-        for state in ("online", "offline"):
+        for state in ("online", "offline", "nunca_visto"):
             self.devices.labels(state=state)
 
     def render(self) -> bytes:

@@ -155,6 +155,12 @@ class Outbox:
         await self.append([(event, "")])
 
     def delivery(self, group: str) -> SinkDelivery:
+        """A new consumer for ``group``, called at each start of its sink: whatever an
+        earlier one (a crashed run of the same sink) read and did not acknowledge is
+        handed out again, so a restarted sink begins from a clean state."""
+        released = self.stream.release(group)
+        if released:
+            log.warning("%s: %d unacknowledged entries handed out again", group, released)
         return SinkDelivery(self, group)
 
     async def _poison(self, group: str, item: Item, deliveries: int) -> None:

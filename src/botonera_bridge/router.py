@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .mqtt import MqttMessage
 from .outbox import Outbox
 from .queues.streams import SAFE, Fence, Receipt
+from .redact import escape
 
 log = logging.getLogger(__name__)
 
@@ -102,57 +103,83 @@ class Router:
                 mqtt.ack(msg)
 
     async def process(self, batch: list[MqttMessage]) -> list[tuple[MqttMessage, Receipt]]:
-        """Decode a batch, append what must be delivered, and pair each message with its receipt."""
+        """Decode a batch, append what must be delivered, and pair each message with its receipt.
+
+        Each message is its own failure boundary: whatever goes wrong while decoding one
+        is logged once, counted, dead-lettered, and the next is processed."""
         out: list[tuple[MqttMessage, Receipt | None]] = []
         to_append: list[tuple[Event, str]] = []
         if self.fence is not None and not self.fence.valid():
             raise FencedError(f"session lease {self.fence.key} is not held by this replica")
         for m in batch:
             try:
-                msg, event = decode(m.payload, m.topic, m.received_ns, self._max_payload)
+                item = self._accept(m)
             except InvalidMessage as exc:
                 await self._reject(m, exc)
                 out.append((m, SAFE))
                 continue
-            self.metrics.received.labels(tipo=event.tipo).inc()
-            if event.empresa and event.empresa not in self._known:
-                event = msgspec.structs.replace(event, flags=(*event.flags, "empresa_desconocida"))
-                log.warning(
-                    "empresa %r is not configured: forwarding event %s flagged, "
-                    "WhatsApp goes to the central contacts",
-                    event.empresa,
-                    event.id,
+            except Exception as exc:  # noqa: BLE001 - a bug on one input must not stop intake
+                log.exception("bug while decoding MQTT message on %s", escape(m.topic, 200))
+                await self._reject(
+                    m, InvalidMessage("internal_error", f"{type(exc).__name__}: {exc}")
                 )
-            for observe in self.observers:
-                observe(event)
-            if isinstance(msg, Heartbeat):
                 out.append((m, SAFE))
                 continue
-            if event.flags:
-                log.debug(
-                    "event %s (tipo=%s) flagged: %s", event.id, event.tipo, ",".join(event.flags)
-                )
-            key = ""
-            if _has_identity(msg):
-                key = f"?{event.id}" if m.dup else event.id
-            to_append.append((event, key))
+            if item is None:
+                out.append((m, SAFE))
+                continue
+            to_append.append(item)
             out.append((m, None))
         receipts = iter(await self.outbox.append(to_append, fence=self.fence))
         return [(m, r if r is not None else next(receipts)) for m, r in out]
 
+    def _accept(self, m: MqttMessage) -> tuple[Event, str] | None:
+        """One message: decoded, observed, and its (event, dedup key) when it must be
+        delivered; None for a heartbeat (the watchdog consumed it)."""
+        msg, event = decode(m.payload, m.topic, m.received_ns, self._max_payload)
+        self.metrics.received.labels(tipo=event.tipo).inc()
+        if event.empresa and event.empresa not in self._known:
+            event = msgspec.structs.replace(event, flags=(*event.flags, "empresa_desconocida"))
+            log.warning(
+                "empresa %r is not configured: forwarding event %s flagged, "
+                "WhatsApp goes to the central contacts",
+                event.empresa,
+                event.id,
+            )
+        for observe in self.observers:
+            try:
+                observe(event)
+            except Exception:  # noqa: BLE001 - the event is still delivered
+                log.exception("observer %r failed on event %s", observe, event.id)
+        if isinstance(msg, Heartbeat):
+            return None
+        if event.flags:
+            for flag in event.flags:
+                self.metrics.flagged.labels(flag=flag).inc()
+            log.debug("event %s (tipo=%s) flagged: %s", event.id, event.tipo, ",".join(event.flags))
+        key = ""
+        if _has_identity(msg):
+            key = f"?{event.id}" if m.dup else event.id
+        return event, key
+
     async def _reject(self, m: MqttMessage, exc: InvalidMessage) -> None:
         self.metrics.received.labels(tipo="invalido").inc()
+        self.metrics.rejected.labels(source="mqtt", reason=exc.reason).inc()
         log.error(
-            "rejected MQTT message on %s (%d bytes): %s; dead-lettered",
-            m.topic,
+            "rejected MQTT message on %s (%d bytes): %s: %s; dead-lettered",
+            escape(m.topic, 200),
             len(m.payload),
-            exc,
+            exc.reason,
+            escape(exc.detail),
         )
         payload = m.payload[:DEAD_PAYLOAD_MAX]
         detail = (
             exc.detail if len(m.payload) == len(payload) else f"{exc.detail} (payload truncated)"
         )
-        await self.outbox.dead.add(exc.reason, detail, payload=payload, topic=m.topic)
+        try:
+            await self.outbox.dead.add(exc.reason, detail, payload=payload, topic=m.topic)
+        except Exception:  # noqa: BLE001 - logged above; the next message must go on
+            log.exception("could not dead-letter the rejected message on %s", escape(m.topic, 200))
 
 
 def _has_identity(msg: Message) -> bool:

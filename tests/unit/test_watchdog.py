@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -334,3 +335,158 @@ async def test_ignored_messages_and_device_keys(autojump_clock) -> None:
 def test_rejects_non_positive_timeout() -> None:
     with pytest.raises(ValueError, match="positive"):
         Watchdog(timeout=0, store=HashStore(KEY, None), emit=Recorder())
+
+
+def counter(metrics: Metrics, name: str) -> float:
+    for fam in text_string_to_metric_families(metrics.render().decode()):
+        for s in fam.samples:
+            if s.name == name:
+                return float(s.value)
+    raise AssertionError(f"{name} not exported")
+
+
+async def test_only_what_promised_to_beat_is_watched(autojump_clock) -> None:
+    """Alarms, semáforos and estado never make a panel watched; an identified heartbeat
+    does, and from then on any of its messages refreshes it; a heartbeat without an
+    empresa is counted, not watched."""
+    rec, metrics = Recorder(), Metrics()
+    with trio.fail_after(1000):
+        async with running(make(HashStore(KEY, None), rec, metrics, timeout=3.0)) as wd:
+            wd.seen(msg("", empresa="madrid", sede="norte", tipo="alarmas"))
+            wd.seen(msg("p7", sede="sur", tipo="semaforos", tipo_alarma="ROJO"))
+            wd.seen(msg("", empresa="", sede="", tipo="estado", status="online"))
+            wd.seen(msg("", empresa="", sede=""))  # heartbeat, no identity
+            wd.seen(msg("hb1"))
+            assert [d.key for d in wd.devices()] == ["cota/principal/hb1"]
+            assert [d.key for d in wd.devices("cota")] == ["cota/principal/hb1"]
+            assert wd.devices("madrid") == []
+            assert counter(metrics, "botonera_heartbeats_unidentified_total") == 1
+            await sleep_to(2.0)
+            wd.seen(msg("hb1", tipo="alarmas"))  # watched now: an alarm refreshes it
+            await sleep_to(20.0)
+            assert rec.summary() == [(5.0, "cota/principal/hb1", "offline")]
+
+
+async def test_listed_panel_never_seen_is_nunca_visto(autojump_clock) -> None:
+    rec, metrics = Recorder(), Metrics()
+    wd = Watchdog(
+        timeout=3.0,
+        store=HashStore(KEY, None),
+        emit=rec,
+        metrics=metrics,
+        wall=trio.current_time,
+        inventory=[("cota", "principal", "p1"), ("cota", "norte", "p2"), ("funza", "", "")],
+    )
+    with trio.fail_after(1000):
+        async with running(wd):
+            assert wd.devices() == []  # not due yet
+            await sleep_to(1.0)
+            wd.seen(msg("p2", sede="norte", tipo="alarmas"))  # listed: any message counts
+            await sleep_to(3.5)
+            states = {d.key: d.state for d in wd.devices()}
+            assert states == {
+                "cota/principal/p1": "nunca visto",
+                "cota/norte/p2": "online",
+                "funza/-/-": "nunca visto",
+            }
+            assert gauge(metrics, "nunca_visto") == 2
+            assert rec.events == []  # never online: no offline event
+            wd.seen(msg("p1"))
+            await sleep_to(4.5)
+            assert rec.summary() == [(4.0, "cota/norte/p2", "offline")]
+            assert gauge(metrics, "nunca_visto") == 1
+            await sleep_to(9.0)
+            assert rec.summary()[1:] == [(6.5, "cota/principal/p1", "offline")]
+
+
+async def test_max_devices_cap_warns_once_and_gauges_are_incremental(
+    autojump_clock, caplog
+) -> None:
+    rec, metrics = Recorder(), Metrics()
+    wd = Watchdog(
+        timeout=TIMEOUT,
+        store=HashStore(KEY, None),
+        emit=rec,
+        metrics=metrics,
+        wall=trio.current_time,
+        max_devices=50,
+    )
+    events = [msg(f"d{i}") for i in range(80)]
+    with trio.fail_after(1000):
+        async with running(wd):
+            with caplog.at_level(logging.WARNING, logger="botonera_bridge.watchdog"):
+                for ev in events:
+                    wd.seen(ev)
+            assert len(wd.devices()) == 50
+            assert gauge(metrics, "online") == 50
+            assert counter(metrics, "botonera_devices_capped_total") == 30
+            warnings = [r for r in caplog.records if "max_devices" in r.getMessage()]
+            assert len(warnings) == 1
+            wd.seen(events[0])  # a known device still refreshes
+            await sleep_to(TIMEOUT + 1)
+            assert gauge(metrics, "offline") == 50
+            assert gauge(metrics, "online") == 0
+
+
+async def test_forget_after(autojump_clock) -> None:
+    redis = FakeRedisHash()
+    rec, metrics = Recorder(), Metrics()
+    wd = Watchdog(
+        timeout=10.0,
+        store=HashStore(KEY, redis),
+        emit=rec,
+        metrics=metrics,
+        wall=trio.current_time,
+        forget_after=100.0,
+    )
+    with trio.fail_after(10_000):
+        async with running(wd):
+            wd.seen(msg("old"))
+            await sleep_to(50.0)
+            wd.seen(msg("new"))
+            await sleep_to(120.0)
+            wd.seen(msg("new"))
+            await sleep_to(230.0)
+            assert [d.key for d in wd.devices()] == ["cota/principal/new"]
+            assert [d.key for d in wd.devices("cota")] == ["cota/principal/new"]
+            assert counter(metrics, "botonera_devices_forgotten_total") == 1
+            assert gauge(metrics, "offline") == 1
+        assert list(redis.hashes[KEY]) == ["cota/principal/new"]
+
+
+async def test_supervised_loop_restarts_after_a_bug_and_redeclares(autojump_clock) -> None:
+    """The app's supervisor restarts ``loop`` after a bug in emit: the offline transition
+    it interrupted is declared again, with the same id, and the watchdog goes on."""
+    from botonera_bridge.app import _supervise
+    from botonera_bridge.health import Health
+
+    got: list[tuple[float, Event]] = []
+    calls = 0
+
+    async def buggy_emit(ev: Event) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected bug")
+        got.append((trio.current_time(), ev))
+
+    wd = Watchdog(timeout=10.0, store=HashStore(KEY, None), emit=buggy_emit, wall=trio.current_time)
+    health = Health(60.0)
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            await wd.load()
+            nursery.start_soon(_supervise, "watchdog", health, wd.loop)
+            wd.seen(msg("p1"))
+            wd.seen(msg("p2"))
+            await sleep_to(5.0)
+            wd.seen(msg("p2"))
+            await sleep_to(40.0)
+            keys = [(e.device_key, e.detail["status"]) for _, e in got]
+            assert keys == [("cota/principal/p1", "offline"), ("cota/principal/p2", "offline")]
+            assert 10.0 < got[0][0] <= 12.0  # after the supervisor's backoff
+            assert got[1][0] == 15.0
+            assert {d.key: d.state for d in wd.devices()} == {
+                "cota/principal/p1": "offline",
+                "cota/principal/p2": "offline",
+            }
+            nursery.cancel_scope.cancel()

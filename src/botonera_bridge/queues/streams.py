@@ -460,6 +460,24 @@ class DurableStream:
             await redis.execute("XACK", self.key, group, *skip_ids)
         return out
 
+    def release(self, group: str) -> int:
+        """The consumer of ``group`` starts again (its task crashed and is restarted):
+        what this process handed it and it never acknowledged is handed out again, in
+        order: memory items first, then our own pending stream entries. Returns how many."""
+        inflight = self._inflight[group]
+        released = len(inflight)
+        mem = [self._mem[i] for i in inflight if i.startswith("m-") and i in self._mem]
+        mem.sort(key=lambda m: int(m.id[2:]))
+        for m in reversed(mem):
+            if group not in m.done_by:
+                m.taken_by.discard(group)
+                self._unread[group].appendleft(m)
+        inflight.clear()
+        self._reclaimed[group].clear()  # read again below, with our other pending entries
+        self._pel_cursor[group] = "0"
+        self._wake()
+        return released
+
     async def ack(self, group: str, ids: Sequence[str]) -> None:
         stream_ids = []
         for i in ids:

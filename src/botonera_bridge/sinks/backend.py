@@ -22,6 +22,7 @@ from ..errors import PermanentDelivery, TransientDelivery
 from ..messages import Event
 from ..metrics import Metrics
 from ..outbox import Entry
+from ..redact import escape, mask_urls_in
 from .http11 import Http11Pool, HttpError
 
 if TYPE_CHECKING:
@@ -109,6 +110,11 @@ class BackendSink:
     async def run(
         self, delivery: Delivery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        # A clean state on every (re)start: after a crash the old lanes' tasks are gone,
+        # and whatever they held unacknowledged is read again from the outbox.
+        self._lanes = {}
+        self._inflight = 0
+        self._room = trio.Event()
         ack_send, ack_recv = trio.open_memory_channel[tuple[Entry, str]](ACK_BATCH * 4)
         async with trio.open_nursery() as nursery, ack_send:
             nursery.start_soon(self._acker, delivery, ack_recv)
@@ -161,7 +167,8 @@ class BackendSink:
                 except PermanentDelivery as exc:
                     log.error(
                         "backend rejected event %s (empresa=%s tipo=%s): %s %s; dead-lettered",
-                        entry.event.id, entry.event.empresa or "-", entry.event.tipo, exc, exc.body,
+                        entry.event.id, entry.event.empresa or "-", entry.event.tipo, exc,
+                        escape(exc.body),
                     )  # fmt: skip
                     if self._on_result is not None:
                         self._on_result(entry.event.id, exc.status or 0, False)
@@ -191,7 +198,7 @@ class BackendSink:
                 async with self._limiter:
                     status = await self._post(body, event.id)
             except TransientDelivery as exc:
-                self.last_error = str(exc)
+                self.last_error = mask_urls_in(str(exc))
                 delay = next(backoff)
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, self.settings.retry_max_delay))
@@ -199,7 +206,7 @@ class BackendSink:
                     self._metrics.retries.labels(sink="backend").inc()
                 log.warning(
                     "backend delivery of %s (empresa=%s) failed, attempt %d, retry in %.1fs: %s",
-                    event.id, event.empresa or "-", attempt, delay, exc,
+                    event.id, event.empresa or "-", attempt, delay, self.last_error,
                 )  # fmt: skip
                 await trio.sleep(delay)
                 continue
@@ -270,7 +277,9 @@ class BackendSink:
                     headers=self._headers,
                 )
             except httpx.HTTPError as exc:
-                log.warning("verify-empresa-sede failed (%s); forwarding anyway", exc)
+                log.warning(
+                    "verify-empresa-sede failed (%s); forwarding anyway", mask_urls_in(str(exc))
+                )
                 return
             if resp.status_code == 404:
                 cached = (False, now)

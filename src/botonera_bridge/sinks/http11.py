@@ -128,8 +128,9 @@ class Http11Pool:
         self.host = u.hostname
         self.port = u.port or 80
         self._prefix = u.path.rstrip("/")
-        self._origin = f"http://{u.netloc}"
-        self._host_header = u.netloc.rsplit("@", 1)[-1].encode("ascii")
+        hostport = u.netloc.rsplit("@", 1)[-1]  # userinfo is a secret: never in errors
+        self._origin = f"http://{hostport}"
+        self._host_header = hostport.encode("ascii")
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._keepalive_expiry = keepalive_expiry
