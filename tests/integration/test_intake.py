@@ -84,7 +84,7 @@ def test_watchdog_watches_only_what_promised_to_beat(bridge_factory, backend, pu
     ]
     # (hb1's own notice may still wait for the contact's 6 s slot: not asserted here)
     lines = [ln for ln in bridge.log_text().splitlines() if "SIN CONEXIÓN" in ln]
-    assert all("Cota (sede principal)" in ln for ln in lines), lines
+    assert all("Cota (sede principal, panel hb1)" in ln for ln in lines), lines
     cota = next(e for e in bridge.status()["empresas"] if e["id"] == "cota")
     states = {d["key"]: d["state"] for d in cota["devices"]}
     assert states == {"cota/bodega/p9": "nunca visto", "cota/principal/hb1": "offline"}
