@@ -65,6 +65,11 @@ class RedisSettings(_Section, frozen=True):
     prefix: str = "botonera"
     memory_limit: int = 10000  # events held in memory while Redis is away
     reclaim_idle: float = 60.0  # seconds before a silent consumer's entries are taken over
+    timeout: float = 1.0  # seconds per command; past it Redis counts as down (memory fallback)
+    ca_file: str = ""  # CA bundle for rediss:// (default: the system's)
+    sentinels: tuple[str, ...] = ()  # "host:26379", ...: find the master through Sentinel
+    sentinel_master: str = ""  # the master's name in Sentinel
+    dead_max: int = 10000  # entries kept in the :dead stream (oldest trimmed, counted)
 
 
 class WebsocketSettings(_Section, frozen=True):
@@ -291,6 +296,7 @@ def _finish(s: Settings, source: str) -> Settings:
             source=source,
             key="whatsapp.api_url",
         )
+    _check_redis(s.redis, source)
     if s.log.format not in ("text", "json"):
         raise ConfigError("log.format must be text or json", source=source, key="log.format")
     if s.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -321,6 +327,26 @@ def _finish(s: Settings, source: str) -> Settings:
         empresas=tuple(empresas.values()),
         log=msgspec.structs.replace(s.log, level=s.log.level.upper()),
     )
+
+
+def _check_redis(r: RedisSettings, source: str) -> None:
+    scheme = r.url.partition("://")[0] if "://" in r.url else ""
+    if r.url and scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            "redis.url must start with redis://, rediss:// or unix:// (or be empty)",
+            source=source,
+            key="redis.url",
+        )
+    if r.timeout <= 0:
+        raise ConfigError("redis.timeout must be > 0 seconds", source=source, key="redis.timeout")
+    if r.dead_max < 1:
+        raise ConfigError("redis.dead_max must be >= 1", source=source, key="redis.dead_max")
+    if r.sentinels and not r.sentinel_master:
+        raise ConfigError(
+            "redis.sentinels needs redis.sentinel_master",
+            source=source,
+            key="redis.sentinel_master",
+        )
 
 
 def _check_phone(number: str, source: str, key: str) -> None:

@@ -26,7 +26,6 @@ from .queues.streams import SAFE, Receipt
 log = logging.getLogger(__name__)
 
 BATCH: Final = 256
-DEAD_PAYLOAD_MAX: Final = 1 << 20  # bytes of a rejected payload kept for inspection
 
 
 class Acker(Protocol):
@@ -128,11 +127,8 @@ class Router:
             len(m.payload),
             exc,
         )
-        payload = m.payload[:DEAD_PAYLOAD_MAX]
-        detail = (
-            exc.detail if len(m.payload) == len(payload) else f"{exc.detail} (payload truncated)"
-        )
-        await self.outbox.dead.add(exc.reason, detail, payload=payload, topic=m.topic)
+        # the dead-letter store keeps up to mqtt.max_payload bytes, the length and sha256
+        await self.outbox.dead.add(exc.reason, exc.detail, payload=m.payload, topic=m.topic)
 
 
 def _has_identity(msg: Message) -> bool:
