@@ -112,7 +112,10 @@ class RedisLink:
                     task_status.started()
                     first = False
                 else:
-                    log.warning("Redis is back: memory queues moved into the streams")
+                    log.warning(
+                        "Redis is back (%s): memory queues moved into the streams",
+                        self.redis.address,
+                    )
                 break
             self._went_down = trio.Event()
             await self._watch()

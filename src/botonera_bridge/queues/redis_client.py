@@ -29,7 +29,7 @@ import socket
 import ssl
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -453,32 +453,47 @@ def _short(value: object) -> str:
     return text[:200]
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its causes and contexts, and the members of exception groups
+    (trio.open_tcp_stream reports each failed address inside a group)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
+def _cause_of(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificado no válido: {e.verify_message or e.reason}"
+    if isinstance(e, ssl.SSLError):
+        return f"error TLS: {e.reason or e}"
+    if isinstance(e, socket.gaierror):
+        return "host desconocido"
+    if isinstance(e, ConnectionRefusedError):
+        return "conexión rechazada"
+    if isinstance(e, FileNotFoundError):
+        return "el socket unix no existe"
+    if isinstance(e, PermissionError):
+        return "sin permiso sobre el socket unix"
+    if isinstance(e, RedisReplyError) and (e.code in _AUTH_CODES or "password" in str(e).lower()):
+        return f"credenciales rechazadas ({e.code})"
+    return ""
+
+
 def cause(exc: BaseException) -> str:
     """Why a connection failed, for an operator (Spanish, as check-config prints it)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return f"certificado no válido: {seen.verify_message or seen.reason}"
-        if isinstance(seen, ssl.SSLError):
-            return f"error TLS: {seen.reason or seen}"
-        if isinstance(seen, socket.gaierror):
-            return "host desconocido"
-        if isinstance(seen, ConnectionRefusedError):
-            return "conexión rechazada"
-        if isinstance(seen, FileNotFoundError):
-            return "el socket unix no existe"
-        if isinstance(seen, PermissionError):
-            return "sin permiso sobre el socket unix"
-        if isinstance(seen, RedisReplyError) and (
-            seen.code in _AUTH_CODES or "password" in str(seen).lower()
-        ):
-            return f"credenciales rechazadas ({seen.code})"
-        seen = seen.__cause__ or seen.__context__
+    for e in _chain(exc):
+        if found := _cause_of(e):
+            return found
     text = str(exc)
     if "within" in text:
         return f"sin respuesta en {text.rsplit('within', 1)[1].strip()}"
-    if "Sentinel" in text:
-        return f"Sentinel: {text}"
     return text
 
 
