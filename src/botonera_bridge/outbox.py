@@ -249,10 +249,10 @@ class Outbox:
             assert redis is not None
             key = f"{self._receipts_key}:{event.id}"
             try:
-                _, _, flat = await redis.pipeline(
+                replies = await redis.pipeline(
                     [["HSET", key, group, outcome], ["EXPIRE", key, 3600], ["HGETALL", key]]
                 )
-                got = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+                got = _receipt_outcomes(replies)
                 if set(got) >= set(GROUPS):
                     outcomes = got
                     await redis.execute("DEL", key)
@@ -308,6 +308,18 @@ class SinkDelivery:
 
     def pending(self) -> int:
         return self._outbox.stream.inflight(self.group)
+
+
+def _receipt_outcomes(replies: list[Any]) -> dict[str, str]:
+    """The HGETALL of a send-test receipt; an error or odd reply is a Redis failure."""
+    for r in replies:
+        if isinstance(r, RedisReplyError):
+            raise r
+    flat = replies[-1]
+    try:
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    except (TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
+        raise RedisError(f"unexpected HGETALL reply: {exc!r}") from exc
 
 
 def _safe_decode(data: bytes) -> Event | None:
