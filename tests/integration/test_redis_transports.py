@@ -264,6 +264,12 @@ def test_acl_user_and_check_causes(bridge_factory, backend, publisher, started):
             "unknown": await probe(RedisSettings(url="redis://no-such-host.invalid:6379/0")),
         }
 
+    bad = bridge_factory(conf={"redis": {"url": f"redis://bridge:wrong@127.0.0.1:{r.port}/0"}})
+    out = bad.cli("check-config")
+    assert out.returncode == 1, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("✗ Redis"))
+    assert line == f"✗ Redis 127.0.0.1:{r.port}/0: credenciales rechazadas (WRONGPASS)", line
+
     got = trio.run(causes)
     assert got["bad_pw"][2].startswith("credenciales rechazadas"), got
     assert got["refused"][2] == "conexión rechazada", got
