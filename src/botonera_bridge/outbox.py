@@ -151,14 +151,19 @@ class DeadLetters:
         """Append and trim in one round trip; an error reply is a failed write."""
         redis = self.link.redis
         assert redis is not None
-        commands: list[list[bytes | str | int]] = [
+        commands: list[list[bytes | str | int | float]] = [
             ["XADD", self.key, "*", "dl", self._encoder.encode(d)] for d in items
         ]
         commands.append(["XTRIM", self.key, "MAXLEN", self.dead_max])
+        wait = redis.replication_wait()  # Sentinel: on a replica before it counts as kept
+        if wait is not None:
+            commands.append(wait)
         replies = await redis.pipeline(commands)
+        if wait is not None:
+            redis.replicated(replies.pop())
         for r in replies[:-1]:
             if isinstance(r, RedisReplyError):
-                raise r  # noqa: TRY301 - some may have landed: duplicates, never a loss
+                raise r  # some may have landed: duplicates, never a loss
         trimmed = replies[-1]
         if isinstance(trimmed, int) and trimmed > 0:
             self._count_trimmed(trimmed, "redis")

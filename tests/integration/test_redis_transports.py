@@ -331,6 +331,8 @@ def test_sentinel_failover_mid_stream_loses_nothing(bridge_factory, backend, pub
     pub = PacedPublisher(publisher, alarms(n), rate=50)
     pub.start()
     wait_until(lambda: pub.published >= 0.3 * n, 30, "30% published")
+    # each append waited for the replica (WAIT): what was acknowledged survives the kill
+    assert "cmdstat_wait:" in cli(master.port, "INFO", "commandstats")
     master.kill()
     killed = time.monotonic()
     wait_until(

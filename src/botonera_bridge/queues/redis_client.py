@@ -24,6 +24,7 @@ connection, never another exception or an unbounded wait.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -40,6 +41,8 @@ from ..errors import RedisError, RedisReplyError
 if TYPE_CHECKING:
     from ..config import RedisSettings
 
+log = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT: Final = 2.0  # seconds, at least, to connect, handshake and authenticate
 DEFAULT_TIMEOUT: Final = 1.0  # seconds per round trip (redis.timeout)
 MAX_BULK: Final = 64 << 20  # bytes in one bulk string (our entries are <= mqtt.max_payload)
@@ -47,6 +50,7 @@ MAX_ITEMS: Final = 1 << 20  # elements in one array
 MAX_DEPTH: Final = 16  # array nesting (the deepest reply we read, XREADGROUP, has 5)
 MAX_BUFFER: Final = 256 << 20  # bytes of one unparsed reply
 POOL_IDLE: Final = 16  # idle connections kept
+REPLICA_WAIT: Final = 200  # ms a write waits for one replica (Sentinel mode, replicas seen)
 SCHEMES: Final = ("redis", "rediss", "unix")
 _RESET: Final = {"READONLY", "MASTERDOWN", "LOADING"}  # not the master any more: rediscover
 _AUTH_CODES: Final = {"WRONGPASS", "NOAUTH", "NOPERM"}
@@ -272,6 +276,10 @@ class Redis:
         if self.sentinels and not sentinel_master:
             raise RedisError("redis.sentinels needs redis.sentinel_master")
         self.master: tuple[str, int] | None = None  # last address Sentinel gave
+        # With Sentinel, writes wait (WAIT, <= REPLICA_WAIT) for a replica to have them, so a
+        # master SIGKILLed right after a PUBACK loses nothing: the replica Sentinel promotes
+        # has every acknowledged write. Replicas seen by ROLE at connect; 0 = none, no wait.
+        self.replicas = 0
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
         self.closed = False
@@ -378,9 +386,13 @@ class Redis:
             if isinstance(r, RedisReplyError):
                 await _close_quietly(conn)
                 raise RedisError(f"Redis at {where} refused the connection setup: {r}") from r
-        if self.sentinels and (not replies[-1] or replies[-1][0] != b"master"):
-            await _close_quietly(conn)
-            raise RedisError(f"Redis at {where} is not a master yet (failover in progress?)")
+        if self.sentinels:
+            role = replies[-1]
+            if not isinstance(role, list) or not role or role[0] != b"master":
+                await _close_quietly(conn)
+                raise RedisError(f"Redis at {where} is not a master yet (failover in progress?)")
+            replicas = role[2] if len(role) > 2 and isinstance(role[2], list) else []
+            self.replicas = len(replicas)
         self._all.add(conn)
         return conn
 
@@ -419,6 +431,20 @@ class Redis:
                         conn.broken = True  # a replica now (failover): find the master again
                 return replies
         raise RedisError(f"no reply from Redis at {self.address} within {self.timeout:g}s")
+
+    def replication_wait(self) -> list[Arg] | None:
+        """The WAIT to pipeline after a write that must survive a failover, or None."""
+        return ["WAIT", 1, REPLICA_WAIT] if self.sentinels and self.replicas else None
+
+    def replicated(self, reply: Any) -> None:
+        """Note a WAIT's answer; no replica acknowledged: stop waiting until reconnected."""
+        if isinstance(reply, int) and reply < 1:
+            self.replicas = 0
+            log.warning(
+                "no Redis replica acknowledged a write within %d ms: writes are not waited "
+                "for until the next connection; a failover now may lose the latest ones",
+                REPLICA_WAIT,
+            )
 
     async def execute(self, *args: Arg, block: float = 0.0) -> Any:
         (reply,) = await self.pipeline([args], block=block)

@@ -37,6 +37,7 @@ import trio
 
 from ..errors import RedisError, RedisReplyError
 from .link import RedisLink
+from .redis_client import Arg, Redis
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -254,13 +255,24 @@ class DurableStream:
         if not self._sha:
             self._sha = (await redis.execute("SCRIPT", "LOAD", _APPEND_LUA)).decode()
         try:
-            ids = await redis.execute("EVALSHA", self._sha, 1, self.key, *args)
+            ids = await self._script(redis, ["EVALSHA", self._sha, 1, self.key, *args])
         except RedisReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
             self._sha = ""
-            ids = await redis.execute("EVAL", _APPEND_LUA, 1, self.key, *args)
+            ids = await self._script(redis, ["EVAL", _APPEND_LUA, 1, self.key, *args])
         return sum(1 for i in ids if i is not None)
+
+    async def _script(self, redis: Redis, command: list[Arg]) -> Any:
+        """Run the append script; with Sentinel, wait for a replica in the same round trip."""
+        wait = redis.replication_wait()
+        if wait is None:
+            return await redis.execute(*command)
+        reply, acked = await redis.pipeline([command, wait])
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        redis.replicated(acked)
+        return reply
 
     def _wake(self) -> None:
         self._wakeup.set()
