@@ -20,8 +20,7 @@ def pool(url: str = "http://127.0.0.1:9/base/") -> Http11Pool:
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["https://backend.example/", "ftp://x/", "127.0.0.1:8000", "http:///nohost", "http://h/?q=1"],
+    "url", ["https://backend.example/", "ftp://x/", "127.0.0.1:8000", "http:///nohost", "http://h/?q=1"]
 )
 def test_only_plain_http_is_accepted(url: str) -> None:
     with pytest.raises(UnsupportedUrl) as info:
