@@ -38,6 +38,7 @@ class RedisLink:
         self.changed = trio.Event()  # replaced each time `up` flips
         self._went_down = trio.Event()
         self._recovery: list[Callable[[], Awaitable[None]]] = []
+        self._on_down: list[Callable[[], None]] = []
         self.last_error = "not connected yet" if redis else "memory only (redis.url empty)"
         if health is not None and redis is not None:
             health.require("redis")  # /readyz names it while the queues run on memory
@@ -46,6 +47,10 @@ class RedisLink:
 
     def on_recovery(self, hook: Callable[[], Awaitable[None]]) -> None:
         self._recovery.append(hook)
+
+    def on_down(self, hook: Callable[[], None]) -> None:
+        """Called (synchronously) each time the link goes down."""
+        self._on_down.append(hook)
 
     def down(self, exc: BaseException) -> None:
         self.last_error = str(exc)
@@ -59,6 +64,8 @@ class RedisLink:
         )
         self._flip()
         self._went_down.set()
+        for hook in self._on_down:
+            hook()
 
     def _flip(self) -> None:
         self.changed.set()

@@ -161,7 +161,9 @@ class DurableStream:
         self._groups_ready = False
         self._had_groups = False
         self._sha = ""
+        self._reading: set[trio.CancelScope] = set()
         link.on_recovery(self._on_recovery)
+        link.on_down(self._abandon_reads)
 
     # -- introspection ---------------------------------------------------------------------
     @property
@@ -273,6 +275,11 @@ class DurableStream:
             raise reply
         redis.replicated(acked)
         return reply
+
+    def _abandon_reads(self) -> None:
+        # what such a read took stays pending for us: re-read after the recovery
+        for scope in self._reading:
+            scope.cancel()
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -386,7 +393,16 @@ class DurableStream:
                     n.start_soon(_wait, changed)
                 continue
             try:
-                items = await self._xread(group, count, block_ms)
+                # A blocking read is abandoned as soon as the link goes down (another task's
+                # command timed out): memory items must not wait out BLOCK + timeout.
+                with trio.CancelScope() as reading:
+                    self._reading.add(reading)
+                    try:
+                        items = await self._xread(group, count, block_ms)
+                    finally:
+                        self._reading.discard(reading)
+                if reading.cancelled_caught:
+                    continue
             except RedisReplyError as exc:
                 if exc.code == "NOGROUP":
                     self._groups_ready = False
