@@ -148,7 +148,8 @@ class DeadLetters:
             self._metrics.dead_letters_trimmed.labels(where=where).inc(n)
 
     async def _xadd(self, items: Sequence[DeadLetter]) -> None:
-        """Append and trim in one round trip; an error reply is a failed write."""
+        """Append and trim in one round trip. Raises on an error reply to any XADD (the
+        ones refused are in ``exc.refused``; the others are in the stream)."""
         redis = self.link.redis
         assert redis is not None
         commands: list[list[bytes | str | int | float]] = [
@@ -161,18 +162,37 @@ class DeadLetters:
         replies = await redis.pipeline(commands)
         if wait is not None:
             redis.replicated(replies.pop())
-        for r in replies[:-1]:
-            if isinstance(r, RedisReplyError):
-                raise r  # some may have landed: duplicates, never a loss
-        trimmed = replies[-1]
+        trimmed = replies.pop()
         if isinstance(trimmed, int) and trimmed > 0:
             self._count_trimmed(trimmed, "redis")
+        refused = [d for d, r in zip(items, replies, strict=True) if isinstance(r, RedisReplyError)]
+        if refused:
+            first = next(r for r in replies if isinstance(r, RedisReplyError))
+            raise _Refused(str(first), refused)
 
     async def _flush(self) -> None:
-        if self.memory:
-            await self._xadd(list(self.memory))
-            self.memory.clear()
-            self.memory_bytes = 0
+        if not self.memory:
+            return
+        batch = list(self.memory)
+        try:
+            await self._xadd(batch)
+        except _Refused as exc:  # keep only what Redis refused (no duplicates in :dead)
+            self._forget(batch, keep=exc.refused)
+            raise
+        self._forget(batch)
+
+    def _forget(self, written: list[DeadLetter], keep: Sequence[DeadLetter] = ()) -> None:
+        gone = {id(d) for d in written} - {id(d) for d in keep}
+        self.memory = deque(d for d in self.memory if id(d) not in gone)
+        self.memory_bytes = sum(_size(d) for d in self.memory)
+
+
+class _Refused(RedisReplyError):
+    """Redis answered some dead-letter XADDs with an error (OOM at maxmemory...)."""
+
+    def __init__(self, message: str, refused: list[DeadLetter]) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def _size(dl: DeadLetter) -> int:
