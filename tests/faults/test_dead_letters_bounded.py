@@ -35,22 +35,37 @@ def test_memory_mode_200_invalid_1mib_payloads_stay_bounded(bridge_factory, back
     sampler = RssSampler(bridge.pid, every=0.05)
     base = sampler.proc.memory_info().rss
     sampler.start()
+    blob = b"x" * MIB  # valid UTF-8, invalid JSON, 16 times mqtt.max_payload
+    settled = []
     try:
-        blob = b"x" * MIB  # valid UTF-8, invalid JSON, 16 times mqtt.max_payload
-        for i in range(200):
-            publisher.publish(blob[:-8] + b"%08d" % i).wait_for_publish(30)
+        for half in range(2):
+            for i in range(100 * half, 100 * half + 100):
+                publisher.publish(blob[:-8] + b"%08d" % i).wait_for_publish(30)
+            wait_until(
+                lambda n=100 * half + 100: bridge.status()["queues"]["dead"] == n,
+                30,
+                "the dead letters in memory",
+            )
+            time.sleep(0.5)
+            settled.append(sampler.proc.memory_info().rss)
         publisher.publish(alarm(1, "cota"))
         wait_all_seqs(backend, {1}, timeout=30)
-        wait_until(
-            lambda: bridge.status()["queues"]["dead"] == 200, 30, "200 dead letters in memory"
-        )
     finally:
         sampler.stop()
-    growth = (sampler.peak - base) / MIB
-    assert growth < 64, f"RSS grew {growth:.0f} MiB"
+    # Each dead letter keeps 64 KiB (mqtt.max_payload), not the 1 MiB payload: the second
+    # hundred adds ~6 MiB, where keeping payloads whole added 100. The first hundred also
+    # pays for intake buffers (up to the broker's 20 unacknowledged 1 MiB messages, copied
+    # by paho) and the allocator's fragmentation, which vary from run to run.
+    second = (settled[1] - settled[0]) / MIB
+    total = (settled[1] - base) / MIB
+    assert second < 32, f"100 more invalid 1 MiB payloads kept {second:.0f} MiB"
+    assert total < 64, f"RSS grew {total:.0f} MiB"
     m = metrics(bridge)
     assert m['botonera_dead_letters_total{reason="too_large"}'] == 200
-    print(f"9.6 memory: RSS {base / MIB:.0f} -> peak {sampler.peak / MIB:.0f} MiB (+{growth:.0f})")
+    print(
+        f"9.6 memory: RSS {base / MIB:.0f} MiB, +{total:.0f} after 200 invalid 1 MiB payloads "
+        f"(second hundred +{second:.0f}), peak +{(sampler.peak - base) / MIB:.0f}"
+    )
 
 
 @pytest.mark.slow
