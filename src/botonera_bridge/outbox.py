@@ -133,6 +133,11 @@ class DeadLetters:
             dropped += 1
         if dropped:
             self._count_trimmed(dropped, "memory")
+        self._report_memory()
+
+    def _report_memory(self) -> None:
+        if self._metrics is not None:
+            self._metrics.dead_letters_memory_bytes.set(self.memory_bytes)
 
     def _count_trimmed(self, n: int, where: str) -> None:
         if not self.trimmed:
@@ -185,6 +190,7 @@ class DeadLetters:
         gone = {id(d) for d in written} - {id(d) for d in keep}
         self.memory = deque(d for d in self.memory if id(d) not in gone)
         self.memory_bytes = sum(_size(d) for d in self.memory)
+        self._report_memory()
 
 
 class _Refused(RedisReplyError):
