@@ -60,10 +60,11 @@ def test_memory_mode_200_invalid_1mib_payloads_stay_bounded(bridge_factory, back
     assert 12 < kept <= 16, f"dead letters hold {kept:.1f} MiB"
     # RSS: what the dead letters keep, plus intake buffers (up to the broker's 20
     # unacknowledged 1 MiB messages, copied by paho) and allocator fragmentation, which
-    # vary from run to run (+19..+57 MiB measured; keeping payloads whole was +200).
+    # vary with load: +19..+57 MiB alone, up to +83 in a loaded full run. Keeping payloads
+    # whole was +200 and more; 128 catches that without failing on the allocator.
     second = (settled[1] - settled[0]) / MIB
     total = (settled[1] - base) / MIB
-    assert total < 64, f"RSS grew {total:.0f} MiB"
+    assert total < 128, f"RSS grew {total:.0f} MiB"
     print(
         f"9.6 memory: RSS {base / MIB:.0f} MiB, +{total:.0f} after 200 invalid 1 MiB payloads "
         f"(second hundred +{second:.0f}), peak +{(sampler.peak - base) / MIB:.0f}"
