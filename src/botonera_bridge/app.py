@@ -25,7 +25,7 @@ from . import USER_AGENT, texts
 from .alarms import AlarmBook
 from .backoff import delays
 from .commands import CommandContext, escalation_loop, handle
-from .config import Live, Settings
+from .config import Live, RedisSettings, Settings
 from .errors import MqttError, RedisError
 from .health import Health
 from .inbox import GROUP as INBOX_GROUP
@@ -36,7 +36,7 @@ from .mqtt import MqttClient, MqttMessage, open_mqtt
 from .outbox import DeadLetters, Outbox
 from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
-from .queues.redis_client import Redis, open_redis
+from .queues.redis_client import Redis, open_redis_settings
 from .queues.streams import DurableStream, Fence
 from .receipts import Receipt, Timelines
 from .redact import mask_url, mask_urls_in
@@ -67,11 +67,11 @@ _receipt_encoder: Final = msgspec.json.Encoder()
 
 
 @asynccontextmanager
-async def _maybe_redis(url: str) -> AsyncIterator[Redis | None]:
-    if not url:
+async def _maybe_redis(rs: RedisSettings) -> AsyncIterator[Redis | None]:
+    if not rs.url:
         yield None
         return
-    async with open_redis(url) as r:
+    async with open_redis_settings(rs) as r:
         yield r
 
 
@@ -86,7 +86,13 @@ class Bridge:
         self.health = Health(s.heartbeat.stall_timeout)
         self.link = RedisLink(redis, metrics=self.metrics, health=self.health)
         hashes = RedisHashes(self.link) if redis is not None else None
-        self.dead = DeadLetters(self.link, f"{prefix}:dead", self.metrics)
+        self.dead = DeadLetters(
+            self.link,
+            f"{prefix}:dead",
+            self.metrics,
+            max_payload=s.mqtt.max_payload,
+            dead_max=s.redis.dead_max,
+        )
         self.outbox = Outbox(
             self.link,
             prefix,
@@ -367,7 +373,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
     s = settings
     async with AsyncExitStack() as stack:
         stack.callback(gc.unfreeze)  # see _freeze_startup_objects
-        redis = await stack.enter_async_context(_maybe_redis(s.redis.url))
+        redis = await stack.enter_async_context(_maybe_redis(s.redis))
         bridge = Bridge(s, redis)
         pool, http = await _open_backend_clients(stack, s)
         sender = await stack.enter_async_context(open_sender(s.whatsapp))

@@ -65,6 +65,11 @@ class RedisSettings(_Section, frozen=True):
     prefix: str = "botonera"
     memory_limit: int = 10000  # events held in memory while Redis is away
     reclaim_idle: float = 60.0  # seconds before a silent consumer's entries are taken over
+    timeout: float = 1.0  # seconds per command; past it Redis counts as down (memory fallback)
+    ca_file: str = ""  # CA bundle for rediss:// (default: the system's)
+    sentinels: tuple[str, ...] = ()  # "host:26379", ...: find the master through Sentinel
+    sentinel_master: str = ""  # the master's name in Sentinel
+    dead_max: int = 10000  # entries kept in the :dead stream (oldest trimmed, counted)
 
 
 class WebsocketSettings(_Section, frozen=True):
@@ -343,6 +348,7 @@ def _finish(s: Settings, source: str) -> Settings:
             source=source,
             key="whatsapp.api_url",
         )
+    _check_redis(s.redis, source)
     if s.log.format not in ("text", "json"):
         raise ConfigError("log.format must be text or json", source=source, key="log.format")
     if s.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -460,6 +466,20 @@ def _panel(value: str, source: str, key: str) -> str:
     except IdentifierError as exc:
         raise ConfigError(str(exc), source=source, key=key) from exc
     return "/".join(p.strip() for p in parts)
+
+
+def _check_redis(r: RedisSettings, source: str) -> None:
+    # the URL scheme is checked with the other URLs in _check_values
+    if r.timeout <= 0:
+        raise ConfigError("redis.timeout must be > 0 seconds", source=source, key="redis.timeout")
+    if r.dead_max < 1:
+        raise ConfigError("redis.dead_max must be >= 1", source=source, key="redis.dead_max")
+    if r.sentinels and not r.sentinel_master:
+        raise ConfigError(
+            "redis.sentinels needs redis.sentinel_master",
+            source=source,
+            key="redis.sentinel_master",
+        )
 
 
 def _check_phone(number: str, source: str, key: str) -> None:

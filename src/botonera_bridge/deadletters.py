@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Final
 
 import msgspec
 
@@ -13,21 +14,23 @@ from .errors import BridgeError, InvalidMessage, RedisError
 from .messages import Event, decode, decode_event
 from .outbox import DeadLetters, Outbox, dead_letter_json, decode_dead
 from .queues.link import RedisLink
-from .queues.redis_client import Redis, open_redis
+from .queues.redis_client import Redis, open_redis_settings
 from .queues.streams import _entry_list
 
+PAGE: Final = 100  # entries per XRANGE: a reply stays small however big :dead is
 
-def _need_redis(settings: Settings) -> str:
+
+def _need_redis(settings: Settings) -> Settings:
     if not settings.redis.url:
         raise BridgeError(
             "dead letters live in Redis; with redis.url empty they are only kept in the "
             "running bridge's memory (see /api/status)"
         )
-    return settings.redis.url
+    return settings
 
 
 async def list_dead(settings: Settings, limit: int) -> list[dict[str, Any]]:
-    async with open_redis(_need_redis(settings)) as r:
+    async with open_redis_settings(_need_redis(settings).redis) as r:
         reply = await r.execute(
             "XREVRANGE", f"{settings.redis.prefix}:dead", "+", "-", "COUNT", limit
         )
@@ -38,7 +41,7 @@ async def replay(settings: Settings, entry_id: str | None) -> list[tuple[str, bo
     """Re-queue one entry (or all). A rejected payload is decoded again first, so a
     fixed cause (config, empresa) lets it through; one still invalid stays put."""
     key = f"{settings.redis.prefix}:dead"
-    async with open_redis(_need_redis(settings)) as redis:
+    async with open_redis_settings(_need_redis(settings).redis) as redis:
         link = RedisLink(redis)
         await link.connect()
         outbox = Outbox(
@@ -48,12 +51,8 @@ async def replay(settings: Settings, entry_id: str | None) -> list[tuple[str, bo
             memory_limit=1,
             dead=DeadLetters(link, key),
         )
-        if entry_id:
-            reply = await redis.execute("XRANGE", key, entry_id, entry_id)
-        else:
-            reply = await redis.execute("XRANGE", key, "-", "+")
         results = []
-        for eid, fields in _entry_list(reply):
+        async for eid, fields in _entries(redis, key, entry_id):
             dl = decode_dead(eid, fields)
             try:
                 event = _event_of(dl, settings)
@@ -66,6 +65,23 @@ async def replay(settings: Settings, entry_id: str | None) -> list[tuple[str, bo
                 (eid, True, f"re-queued as event {event.id} ({event.tipo}, {event.empresa or '-'})")
             )
         return results
+
+
+async def _entries(
+    redis: Redis, key: str, entry_id: str | None
+) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
+    if entry_id:
+        for entry in _entry_list(await redis.execute("XRANGE", key, entry_id, entry_id)):
+            yield entry
+        return
+    start = "-"
+    while True:
+        page = _entry_list(await redis.execute("XRANGE", key, start, "+", "COUNT", PAGE))
+        for entry in page:
+            yield entry
+        if len(page) < PAGE:
+            return
+        start = f"({page[-1][0]}"
 
 
 def _event_of(dl: Any, settings: Settings) -> Event:

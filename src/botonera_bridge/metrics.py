@@ -34,6 +34,17 @@ class Metrics:
         self.dead_letters = Counter(
             "botonera_dead_letters", "Dead-lettered items", ["reason"], registry=r
         )
+        self.dead_letters_memory_bytes = Gauge(
+            "botonera_dead_letters_memory_bytes",
+            "Bytes of dead letters held in memory (Redis away or refusing; at most 16 MiB)",
+            registry=r,
+        )
+        self.dead_letters_trimmed = Counter(
+            "botonera_dead_letters_trimmed",
+            "Dead letters dropped, oldest first, by their bound (redis.dead_max, memory cap)",
+            ["where"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "botonera_queue_depth", "Items waiting in a queue", ["queue"], registry=r
         )

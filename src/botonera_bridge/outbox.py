@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 from collections import deque
@@ -11,7 +12,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from .errors import RedisError
+from .errors import RedisError, RedisReplyError
 from .messages import Event, decode_event, encode_event
 from .metrics import Metrics
 from .queues.link import RedisLink
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 GROUPS: Final = ("backend", "whatsapp")
 MEMORY_DEAD_LIMIT: Final = 10000
+MEMORY_DEAD_BYTES: Final = 16 << 20  # dead letters held in memory while Redis is away
+DEAD_PAYLOAD_MAX: Final = 65536  # bytes of a payload kept (mqtt.max_payload)
+DEAD_MAX: Final = 10000  # entries kept in the :dead stream (redis.dead_max)
 
 
 class Entry(NamedTuple):
@@ -38,16 +42,33 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     payload_encoding: str = "utf-8"
     event: bytes = b""  # the msgpack Event, when there was one
     sink: str = ""
+    length: int = -1  # bytes of the original payload (only the first max_payload are kept)
+    sha256: str = ""  # of the original payload
 
 
 class DeadLetters:
-    """The ``:dead`` stream; a bounded memory list while Redis is away."""
+    """The ``:dead`` stream, trimmed to ``dead_max`` entries (oldest first, counted); a
+    memory list (at most ``dead_max`` entries and MEMORY_DEAD_BYTES) while Redis is away
+    or refuses the write. Payloads are kept up to ``max_payload`` bytes, with the original
+    length and sha256."""
 
-    def __init__(self, link: RedisLink, key: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        key: str,
+        metrics: Metrics | None = None,
+        *,
+        max_payload: int = DEAD_PAYLOAD_MAX,
+        dead_max: int = DEAD_MAX,
+    ) -> None:
         self.link = link
         self.key = key
         self._metrics = metrics
-        self.memory: deque[DeadLetter] = deque(maxlen=MEMORY_DEAD_LIMIT)
+        self.max_payload = max_payload
+        self.dead_max = dead_max
+        self.memory: deque[DeadLetter] = deque()
+        self.memory_bytes = 0
+        self.trimmed = 0  # entries dropped by the bounds (Redis trim + memory)
         self._encoder = msgspec.msgpack.Encoder()
         link.on_recovery(self._flush)
 
@@ -63,6 +84,11 @@ class DeadLetters:
     ) -> None:
         if self._metrics is not None:
             self._metrics.dead_letters.labels(reason=reason).inc()
+        length = len(payload)
+        digest = hashlib.sha256(payload).hexdigest()
+        if length > self.max_payload:
+            payload = payload[: self.max_payload]
+            detail = f"{detail} (payload truncated to {self.max_payload} of {length} bytes)"
         try:
             text, enc = payload.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
@@ -76,6 +102,8 @@ class DeadLetters:
             payload_encoding=enc,
             event=encode_event(event) if event is not None else b"",
             sink=sink,
+            length=length,
+            sha256=digest,
         )
         if self.link.up:
             try:
@@ -84,19 +112,97 @@ class DeadLetters:
                 return
             except RedisError as exc:
                 self.link.down(exc)
+                log.warning(
+                    "dead letter %s (%s) not written to %s (%s): kept in memory until "
+                    "Redis takes it",
+                    reason,
+                    digest[:12],
+                    self.key,
+                    exc,
+                )
+        self._keep(dl)
+
+    def _keep(self, dl: DeadLetter) -> None:
         self.memory.append(dl)
+        self.memory_bytes += _size(dl)
+        dropped = 0
+        while len(self.memory) > 1 and (
+            self.memory_bytes > MEMORY_DEAD_BYTES or len(self.memory) > self.dead_max
+        ):
+            self.memory_bytes -= _size(self.memory.popleft())
+            dropped += 1
+        if dropped:
+            self._count_trimmed(dropped, "memory")
+        self._report_memory()
+
+    def _report_memory(self) -> None:
+        if self._metrics is not None:
+            self._metrics.dead_letters_memory_bytes.set(self.memory_bytes)
+
+    def _count_trimmed(self, n: int, where: str) -> None:
+        if not self.trimmed:
+            log.warning(
+                "dead letters over their bound (%s): oldest dropped, counted in "
+                "botonera_dead_letters_trimmed_total",
+                f"{self.dead_max} entries in {self.key}"
+                if where == "redis"
+                else f"{MEMORY_DEAD_BYTES >> 20} MiB in memory",
+            )
+        self.trimmed += n
+        if self._metrics is not None:
+            self._metrics.dead_letters_trimmed.labels(where=where).inc(n)
 
     async def _xadd(self, items: Sequence[DeadLetter]) -> None:
+        """Append and trim in one round trip. Raises on an error reply to any XADD (the
+        ones refused are in ``exc.refused``; the others are in the stream)."""
         redis = self.link.redis
         assert redis is not None
-        await redis.pipeline(
-            [["XADD", self.key, "*", "dl", self._encoder.encode(d)] for d in items]
-        )
+        commands: list[list[bytes | str | int | float]] = [
+            ["XADD", self.key, "*", "dl", self._encoder.encode(d)] for d in items
+        ]
+        commands.append(["XTRIM", self.key, "MAXLEN", self.dead_max])
+        wait = redis.replication_wait()  # Sentinel: on a replica before it counts as kept
+        if wait is not None:
+            commands.append(wait)
+        replies = await redis.pipeline(commands)
+        if wait is not None:
+            redis.replicated(replies.pop())
+        trimmed = replies.pop()
+        if isinstance(trimmed, int) and trimmed > 0:
+            self._count_trimmed(trimmed, "redis")
+        refused = [d for d, r in zip(items, replies, strict=True) if isinstance(r, RedisReplyError)]
+        if refused:
+            first = next(r for r in replies if isinstance(r, RedisReplyError))
+            raise _Refused(str(first), refused)
 
     async def _flush(self) -> None:
-        if self.memory:
-            await self._xadd(list(self.memory))
-            self.memory.clear()
+        if not self.memory:
+            return
+        batch = list(self.memory)
+        try:
+            await self._xadd(batch)
+        except _Refused as exc:  # keep only what Redis refused (no duplicates in :dead)
+            self._forget(batch, keep=exc.refused)
+            raise
+        self._forget(batch)
+
+    def _forget(self, written: list[DeadLetter], keep: Sequence[DeadLetter] = ()) -> None:
+        gone = {id(d) for d in written} - {id(d) for d in keep}
+        self.memory = deque(d for d in self.memory if id(d) not in gone)
+        self.memory_bytes = sum(_size(d) for d in self.memory)
+        self._report_memory()
+
+
+class _Refused(RedisReplyError):
+    """Redis answered some dead-letter XADDs with an error (OOM at maxmemory...)."""
+
+    def __init__(self, message: str, refused: list[DeadLetter]) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def _size(dl: DeadLetter) -> int:
+    return len(dl.payload) + len(dl.detail) + len(dl.event) + 200
 
 
 def decode_dead(entry_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
@@ -184,10 +290,10 @@ class Outbox:
             assert redis is not None
             key = f"{self._receipts_key}:{event.id}"
             try:
-                _, _, flat = await redis.pipeline(
+                replies = await redis.pipeline(
                     [["HSET", key, group, outcome], ["EXPIRE", key, 3600], ["HGETALL", key]]
                 )
-                got = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+                got = _receipt_outcomes(replies)
                 if set(got) >= set(GROUPS):
                     outcomes = got
                     await redis.execute("DEL", key)
@@ -243,6 +349,18 @@ class SinkDelivery:
 
     def pending(self) -> int:
         return self._outbox.stream.inflight(self.group)
+
+
+def _receipt_outcomes(replies: list[Any]) -> dict[str, str]:
+    """The HGETALL of a send-test receipt; an error or odd reply is a Redis failure."""
+    for r in replies:
+        if isinstance(r, RedisReplyError):
+            raise r
+    flat = replies[-1]
+    try:
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    except (TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
+        raise RedisError(f"unexpected HGETALL reply: {exc!r}") from exc
 
 
 def _safe_decode(data: bytes) -> Event | None:

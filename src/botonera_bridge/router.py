@@ -27,7 +27,6 @@ from .redact import escape
 log = logging.getLogger(__name__)
 
 BATCH: Final = 256
-DEAD_PAYLOAD_MAX: Final = 1 << 20  # bytes of a rejected payload kept for inspection
 
 
 class Acker(Protocol):
@@ -172,12 +171,9 @@ class Router:
             exc.reason,
             escape(exc.detail),
         )
-        payload = m.payload[:DEAD_PAYLOAD_MAX]
-        detail = (
-            exc.detail if len(m.payload) == len(payload) else f"{exc.detail} (payload truncated)"
-        )
+        # the dead-letter store keeps up to mqtt.max_payload bytes, the length and sha256
         try:
-            await self.outbox.dead.add(exc.reason, detail, payload=payload, topic=m.topic)
+            await self.outbox.dead.add(exc.reason, exc.detail, payload=m.payload, topic=m.topic)
         except Exception:  # noqa: BLE001 - logged above; the next message must go on
             log.exception("could not dead-letter the rejected message on %s", escape(m.topic, 200))
 

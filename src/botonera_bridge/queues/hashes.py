@@ -19,10 +19,14 @@ class RedisHashes:
     async def hgetall(self, key: str) -> dict[str, bytes]:
         try:
             flat = await self._redis().execute("HGETALL", key)
+            return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+        except (TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
+            err = RedisError(f"unexpected HGETALL reply for {key}: {exc!r}")
+            self._link.down(err)
+            raise err from exc
         except RedisError as exc:
             self._link.down(exc)
             raise
-        return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
     async def hset(self, key: str, mapping: dict[str, bytes]) -> None:
         args: list[str | bytes] = []

@@ -3,12 +3,16 @@
 Any Redis failure marks the link down (queues switch to memory); a probe task
 pings with capped backoff and, once Redis answers, runs each registered
 recovery hook (move memory contents into the streams) before marking it up.
+While up it pings every ``PING_EVERY`` seconds, so a Redis that froze while
+nothing was being written is noticed within about ``PING_EVERY + redis.timeout``.
+A command past its deadline, or an error reply to a write, counts as a failure.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
@@ -19,6 +23,8 @@ from ..metrics import Metrics
 from .redis_client import Redis
 
 log = logging.getLogger(__name__)
+
+PING_EVERY: Final = 1.0  # seconds between liveness PINGs while Redis is up
 
 
 class RedisLink:
@@ -32,13 +38,19 @@ class RedisLink:
         self.changed = trio.Event()  # replaced each time `up` flips
         self._went_down = trio.Event()
         self._recovery: list[Callable[[], Awaitable[None]]] = []
+        self._on_down: list[Callable[[], None]] = []
         self.last_error = "not connected yet" if redis else "memory only (redis.url empty)"
         if health is not None and redis is not None:
+            health.require("redis")  # /readyz names it while the queues run on memory
             health.set("redis", False, self.last_error)
         self._report()
 
     def on_recovery(self, hook: Callable[[], Awaitable[None]]) -> None:
         self._recovery.append(hook)
+
+    def on_down(self, hook: Callable[[], None]) -> None:
+        """Called (synchronously) each time the link goes down."""
+        self._on_down.append(hook)
 
     def down(self, exc: BaseException) -> None:
         self.last_error = str(exc)
@@ -52,6 +64,8 @@ class RedisLink:
         )
         self._flip()
         self._went_down.set()
+        for hook in self._on_down:
+            hook()
 
     def _flip(self) -> None:
         self.changed.set()
@@ -63,7 +77,8 @@ class RedisLink:
             self._metrics.redis_connected.set(1 if self.up else 0)
             self._metrics.memory_fallback.set(0 if self.up else 1)
         if self._health is not None and self.redis is not None:
-            self._health.set("redis", self.up, self.last_error)
+            why = f"down, queues on the memory fallback: {self.last_error}"
+            self._health.set("redis", self.up, why)
 
     async def _recover(self) -> None:
         assert self.redis is not None
@@ -104,7 +119,22 @@ class RedisLink:
                     task_status.started()
                     first = False
                 else:
-                    log.warning("Redis is back: memory queues moved into the streams")
+                    log.warning(
+                        "Redis is back (%s): memory queues moved into the streams",
+                        self.redis.address,
+                    )
                 break
             self._went_down = trio.Event()
-            await self._went_down.wait()
+            await self._watch()
+
+    async def _watch(self) -> None:
+        """While up: PING now and then; return once the link went down (any user's failure)."""
+        assert self.redis is not None
+        while not self._went_down.is_set():
+            with trio.move_on_after(PING_EVERY):
+                await self._went_down.wait()
+                return
+            try:
+                await self.redis.execute("PING")
+            except RedisError as exc:
+                self.down(exc)

@@ -12,23 +12,54 @@ Guarantees:
   is dropped.
 - Pending entries of a dead consumer are reclaimed with XAUTOCLAIM; an entry
   delivered more than ``max_deliveries`` times is handed to ``on_poison``.
+- Every command has the client's deadline; a timeout, a lost connection, an
+  error reply to a write (OOM, READONLY, NOGROUP) or a reply of the wrong shape
+  is a failure: the link goes down, an append goes to memory, an ack is kept
+  and sent again. A command that timed out may still have run once Redis wakes
+  up: an XREADGROUP whose reply never came leaves entries pending for this
+  consumer, so after every recovery each group re-reads its own pending
+  entries (those it is not delivering); an append that timed out may be in the
+  stream *and* in memory, so it can be delivered twice, with the same event
+  (the sinks' Idempotency-Key is the event id).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, ParamSpec, Protocol, TypeVar
 
 import trio
 
 from ..errors import FencedError, RedisError, RedisReplyError
 from .link import RedisLink
+from .redis_client import Arg, Redis
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+# what indexing or decoding a reply of the wrong shape raises
+REPLY_SHAPE_ERRORS: Final = (TypeError, ValueError, IndexError, KeyError, AttributeError)
+
+
+def _reply_shape(
+    fn: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """A reply of an unexpected shape (a hostile or broken server) is a RedisError."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(*args, **kwargs)
+        except REPLY_SHAPE_ERRORS as exc:
+            raise RedisError(f"unexpected Redis reply in {fn.__name__}: {exc!r}") from exc
+
+    return wrapper
+
 
 DEDUP_TTL: Final = 86400  # seconds a dedup key is remembered in Redis
 MEMORY_DEDUP: Final = 20000  # recent dedup keys remembered in memory
@@ -155,7 +186,9 @@ class DurableStream:
         self._groups_ready = False
         self._had_groups = False
         self._sha = ""
+        self._reading: set[trio.CancelScope] = set()
         link.on_recovery(self._on_recovery)
+        link.on_down(self._abandon_reads)
 
     # -- introspection ---------------------------------------------------------------------
     @property
@@ -244,6 +277,7 @@ class DurableStream:
         self._wake()
         return receipts
 
+    @_reply_shape
     async def _xadd(
         self,
         items: Sequence[tuple[bytes, str]],
@@ -266,17 +300,35 @@ class DurableStream:
             self._sha = (await redis.execute("SCRIPT", "LOAD", _APPEND_LUA)).decode()
         try:
             try:
-                ids = await redis.execute("EVALSHA", self._sha, len(keys), *keys, *args)
+                ids = await self._script(
+                    redis, ["EVALSHA", self._sha, len(keys), *keys, *args]
+                )
             except RedisReplyError as exc:
                 if exc.code != "NOSCRIPT":
                     raise
                 self._sha = ""
-                ids = await redis.execute("EVAL", _APPEND_LUA, len(keys), *keys, *args)
+                ids = await self._script(redis, ["EVAL", _APPEND_LUA, len(keys), *keys, *args])
         except RedisReplyError as exc:
             if exc.code == "FENCED":
                 raise FencedError(f"{self.key}: {exc}") from exc
             raise
         return sum(1 for i in ids if i is not None)
+
+    async def _script(self, redis: Redis, command: list[Arg]) -> Any:
+        """Run the append script; with Sentinel, wait for a replica in the same round trip."""
+        wait = redis.replication_wait()
+        if wait is None:
+            return await redis.execute(*command)
+        reply, acked = await redis.pipeline([command, wait])
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        redis.replicated(acked)
+        return reply
+
+    def _abandon_reads(self) -> None:
+        # what such a read took stays pending for us: re-read after the recovery
+        for scope in self._reading:
+            scope.cancel()
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -285,6 +337,7 @@ class DurableStream:
     # -- recovery ----------------------------------------------------------------------------
     async def _on_recovery(self) -> None:
         await self._ensure_groups(force=True)
+        await self._flush_acks()
         # Entries a group is delivering right now from memory: let it finish (bounded) so
         # the stream copy is marked done for that group instead of delivered twice. Appends
         # keep flowing into memory meanwhile (the lock is not held): intake never stalls.
@@ -295,6 +348,10 @@ class DurableStream:
         async with self._lock:
             await self._migrate_locked()
         await self._flush_acks()
+        # A read that timed out may have run after all: its entries wait in our own pending
+        # list, unseen. Re-read that list (skipping what is being delivered) before ">".
+        for g in self.groups:
+            self._pel_cursor[g] = "0"
 
     async def _migrate_locked(self) -> None:
         """Move memory entries into the stream, in order; finished groups skip them."""
@@ -307,16 +364,17 @@ class DurableStream:
                 [(m.data, "") for m in chunk],
                 [",".join(sorted(m.done_by)) for m in chunk],
             )
+            for m in chunk:  # per chunk: a failure later must not add these twice
+                self._mem.pop(m.id, None)
+                m.finished.set()
         log.warning("%s: moved %d memory items into the Redis stream", self.key, len(pending))
-        for m in pending:
-            self._mem.pop(m.id, None)
-            m.finished.set()
         for g in self.groups:
             self._unread[g].clear()
             for mid in [i for i in self._inflight[g] if i.startswith("m-")]:
                 del self._inflight[g][mid]
         self._space.set()
 
+    @_reply_shape
     async def _ensure_groups(self, *, force: bool = False) -> None:
         if self._groups_ready and not force:
             return
@@ -346,8 +404,9 @@ class DurableStream:
         assert redis is not None
         for g, ids in self._unsent_acks.items():
             if ids:
-                await redis.execute("XACK", self.key, g, *ids)
-                ids.clear()
+                sent = list(ids)
+                await redis.execute("XACK", self.key, g, *sent)
+                _forget(ids, sent)
 
     # -- consuming ---------------------------------------------------------------------------
     async def read(self, group: str, count: int, block_ms: int = 2000) -> list[Item]:
@@ -383,7 +442,16 @@ class DurableStream:
                     n.start_soon(_wait, changed)
                 continue
             try:
-                items = await self._xread(group, count, block_ms)
+                # A blocking read is abandoned as soon as the link goes down (another task's
+                # command timed out): memory items must not wait out BLOCK + timeout.
+                with trio.CancelScope() as reading:
+                    self._reading.add(reading)
+                    try:
+                        items = await self._xread(group, count, block_ms)
+                    finally:
+                        self._reading.discard(reading)
+                if reading.cancelled_caught:
+                    continue
             except RedisReplyError as exc:
                 if exc.code == "NOGROUP":
                     self._groups_ready = False
@@ -400,6 +468,7 @@ class DurableStream:
             if items:
                 return items
 
+    @_reply_shape
     async def _xread(self, group: str, count: int, block_ms: int) -> list[Item]:
         redis = self.link.redis
         assert redis is not None
@@ -408,7 +477,8 @@ class DurableStream:
         args: list[str | int] = ["XREADGROUP", "GROUP", group, self.consumer, "COUNT", count]
         if cursor is None:
             args += ["BLOCK", block_ms]
-        reply = await redis.execute(*args, "STREAMS", self.key, cursor or ">")
+        block = block_ms / 1000 if cursor is None else 0.0
+        reply = await redis.execute(*args, "STREAMS", self.key, cursor or ">", block=block)
         entries = _entries(reply)
         if cursor is not None:
             # Our own pending entries (a restart with the same consumer name), paged by id.
@@ -416,7 +486,9 @@ class DurableStream:
                 self._pel_cursor[group] = None
                 return []
             self._pel_cursor[group] = entries[-1][0]
-            entries = [e for e in entries if e[0] not in self._inflight[group]]
+            busy = self._inflight[group]
+            unsent = set(self._unsent_acks[group])
+            entries = [e for e in entries if e[0] not in busy and e[0] not in unsent]
             if entries:
                 entries = await self._drop_poison(group, entries)
         return await self._accept(group, entries)
@@ -445,19 +517,21 @@ class DurableStream:
     ) -> list[Item]:
         out: list[Item] = []
         skip_ids: list[str] = []
-        now = time.monotonic()
         for eid, fields in entries:
-            skips = fields.get(b"s", b"").decode()
+            skips = fields.get(b"s", b"").decode(errors="replace")
             data = fields.get(b"d")
             if data is None or (skips and group in skips.split(",")):
                 skip_ids.append(eid)
                 continue
-            self._inflight[group][eid] = now
             out.append(Item(eid, data))
         if skip_ids:
             redis = self.link.redis
             assert redis is not None
             await redis.execute("XACK", self.key, group, *skip_ids)
+        # only now in flight: had the XACK failed, these stay pending, re-read after recovery
+        now = time.monotonic()
+        for item in out:
+            self._inflight[group][item.id] = now
         return out
 
     def release(self, group: str) -> int:
@@ -495,16 +569,21 @@ class DurableStream:
                 stream_ids.append(i)
         if not stream_ids:
             return
+        unsent = self._unsent_acks[group]
         if not self.link.up:
-            self._unsent_acks[group] += stream_ids
+            unsent += stream_ids
             return
         redis = self.link.redis
         assert redis is not None
+        sent = unsent + stream_ids if unsent else stream_ids  # one left from an outage, too
         try:
-            await redis.execute("XACK", self.key, group, *stream_ids)
-        except RedisError as exc:
-            self._unsent_acks[group] += stream_ids
+            await redis.execute("XACK", self.key, group, *sent)
+        except RedisError as exc:  # kept: the XACK may not have run; sent again later
+            unsent += stream_ids
             self.link.down(exc)
+            return
+        if unsent:
+            _forget(unsent, sent)
 
     # -- maintenance -------------------------------------------------------------------------
     async def maintain(self) -> None:
@@ -531,6 +610,7 @@ class DurableStream:
         except RedisError as exc:
             self.link.down(exc)
 
+    @_reply_shape
     async def take_over(self, consumer: str, limit: int = 1000) -> int:
         """Claim at once (up to ``limit`` per group) the pending entries of ``consumer``,
         known dead (ha.py adopted its MQTT session), instead of waiting for them to sit
@@ -555,6 +635,7 @@ class DurableStream:
             self._wake()
         return taken
 
+    @_reply_shape
     async def _reclaim(self, group: str) -> None:
         redis = self.link.redis
         assert redis is not None
@@ -569,12 +650,14 @@ class DurableStream:
         self._reclaimed[group].extend(await self._accept(group, keep))
         self._wake()
 
+    @_reply_shape
     async def _delivery_counts(self, group: str, ids: list[str]) -> dict[str, int]:
         redis = self.link.redis
         assert redis is not None
         reply = await redis.execute("XPENDING", self.key, group, ids[0], ids[-1], len(ids) + 1000)
         return {r[0].decode(): int(r[3]) for r in reply}
 
+    @_reply_shape
     async def _trim(self) -> None:
         """Drop entries every group has acknowledged; never an unacknowledged one."""
         redis = self.link.redis
@@ -609,12 +692,20 @@ class DurableStream:
             return n
         except RedisError as exc:
             self.link.down(exc)
+        except REPLY_SHAPE_ERRORS as exc:
+            self.link.down(RedisError(f"unexpected XINFO GROUPS reply: {exc!r}"))
         return n
 
     async def run_maintenance(self, period: float = 5.0) -> None:
         while True:
             await trio.sleep(period)
             await self.maintain()
+
+
+def _forget(ids: list[str], sent: Sequence[str]) -> None:
+    """Remove what was acknowledged; ids added meanwhile (another task) stay."""
+    done = set(sent)
+    ids[:] = [i for i in ids if i not in done]
 
 
 def _pairs(flat: list[Any]) -> dict[bytes, Any]:
