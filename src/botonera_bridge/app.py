@@ -426,6 +426,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             bridge.router.reconfigure(new)
             wa_sink.reconfigure(new)
             bridge.book.after, bridge.book.max = new.escalation.after, new.escalation.max
+            bridge.watchdog.reconfigure(inventory(new.empresas))
             reconfigure_sender = getattr(sender, "reconfigure", None)
             if reconfigure_sender is not None:
                 reconfigure_sender(new.whatsapp)

@@ -338,6 +338,23 @@ class Watchdog:
                 self._add(key, _Device(empresa, sede, dispositivo, self._started_at, "esperando"))
         self._loaded = True
 
+    def reconfigure(self, inventory: Iterable[tuple[str, str, str]]) -> None:
+        """SIGHUP: a newly listed panel is expected from now on; an unlisted one that never
+        showed up is dropped (it never was online: no event). Seen devices are kept."""
+        self._inventory = tuple(inventory)
+        if not self._loaded:
+            return  # load() adds the listed panels
+        listed = {f"{e}/{s or '-'}/{d or '-'}": (e, s, d) for e, s, d in self._inventory}
+        for key, dev in list(self._devices.items()):
+            if key not in listed and dev.state in ("esperando", "nunca visto"):
+                del self._devices[key]
+                self._by_empresa.get(dev.empresa, {}).pop(key, None)
+                self._count(dev.state, None)
+        now = self._wall()
+        for key, (empresa, sede, dispositivo) in listed.items():
+            if key not in self._devices and len(self._devices) < self.max_devices:
+                self._add(key, _Device(empresa, sede, dispositivo, now, "esperando"))
+
     def _forget(self, now: float) -> None:
         """Drop devices silent for ``forget_after`` (a periodic sweep, off the hot path)."""
         listed = {f"{e}/{s or '-'}/{d or '-'}" for e, s, d in self._inventory}

@@ -40,6 +40,7 @@ def test_sighup_reload_contacts_empresas_and_refuse_invalid(
 ) -> None:
     conf: dict[str, Any] = {
         "whatsapp": {"min_interval": 0.2},  # 6 s per number in production; short here
+        "heartbeat": {"timeout": 2.0},  # a listed panel is "nunca visto" after one timeout
         "empresas": [{"id": "cota", "contactos": [A]}],
     }
     bridge = bridge_factory(conf=conf).start()
@@ -52,7 +53,7 @@ def test_sighup_reload_contacts_empresas_and_refuse_invalid(
     new = merge(bridge.conf, {"mqtt": {**bridge.conf["mqtt"], "keepalive": 45}})
     new["empresas"] = [
         {"id": "cota", "contactos": [A, B]},
-        {"id": "zipaquira", "nombre": "Zipaquirá", "contactos": [C]},
+        {"id": "zipaquira", "nombre": "Zipaquirá", "contactos": [C], "paneles": ["norte/p1"]},
     ]
     write_toml(bridge.config, new)
     _hup(bridge, "config reloaded", 0)
@@ -66,6 +67,17 @@ def test_sighup_reload_contacts_empresas_and_refuse_invalid(
     publisher.publish(_alarm("zipaquira", "zipaquira nueva"))
     wait_until(lambda: _reached(bridge, "cota tras recargar") == {A, B}, 15, "cota to A and B")
     wait_until(lambda: _reached(bridge, "zipaquira nueva") == {C}, 15, "zipaquira to C")
+
+    def listed_panel() -> list[tuple[str, str]]:
+        zipa = [e for e in bridge.status()["empresas"] if e["id"] == "zipaquira"]
+        return [(d["key"], d["state"]) for e in zipa for d in e["devices"]]
+
+    # the inventory applies too: the newly listed panel is expected from the reload on
+    wait_until(
+        lambda: listed_panel() == [("zipaquira/norte/p1", "nunca visto")],
+        10,
+        "listed panel nunca visto",
+    )
 
     # an unknown key: refused, named, and the running config (A and B) stays
     bad = dict(new)

@@ -490,3 +490,36 @@ async def test_supervised_loop_restarts_after_a_bug_and_redeclares(autojump_cloc
                 "cota/principal/p2": "offline",
             }
             nursery.cancel_scope.cancel()
+
+
+async def test_reload_changes_the_listed_panels(autojump_clock) -> None:
+    """SIGHUP: a newly listed panel is expected from the reload on; an unlisted panel that
+    never showed up is dropped; nothing seen is forgotten."""
+    rec, metrics = Recorder(), Metrics()
+    wd = Watchdog(
+        timeout=3.0,
+        store=HashStore(KEY, None),
+        emit=rec,
+        metrics=metrics,
+        wall=trio.current_time,
+        inventory=[("cota", "principal", "p1"), ("cota", "norte", "p2")],
+    )
+    with trio.fail_after(1000):
+        async with running(wd):
+            wd.seen(msg("p2", sede="norte"))
+            await sleep_to(3.5)
+            assert {d.key: d.state for d in wd.devices()} == {
+                "cota/principal/p1": "nunca visto",
+                "cota/norte/p2": "offline",
+            }
+            wd.reconfigure([("cota", "norte", "p2"), ("funza", "", "p9")])
+            await sleep_to(6.0)  # p9 is listed since 3.5: still within its first timeout
+            assert {d.key: d.state for d in wd.devices()} == {"cota/norte/p2": "offline"}
+            assert gauge(metrics, "nunca_visto") == 0
+            await sleep_to(7.0)
+            assert {d.key: d.state for d in wd.devices()} == {
+                "cota/norte/p2": "offline",
+                "funza/-/p9": "nunca visto",
+            }
+            assert gauge(metrics, "nunca_visto") == 1
+            assert rec.summary() == [(3.0, "cota/norte/p2", "offline")]
