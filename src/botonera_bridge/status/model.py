@@ -12,42 +12,28 @@ its timeline is kept.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from ..alarms import UNCONFIGURED, AlarmBook
 from ..config import Settings
 from ..messages import now_rfc3339
 from ..receipts import Timelines
+from ..watchdog import DeviceState
 
 MAX_DEVICES_SHOWN: Final = 500  # panels listed per empresa
 MAX_UNCONFIGURED_SHOWN: Final = 50  # alarms listed for the unconfigured empresas
 UNCONFIGURED_LABEL: Final = "Empresas sin configurar"
 
 
-class DeviceView(Protocol):
-    @property
-    def key(self) -> str: ...
-    @property
-    def empresa(self) -> str: ...
-    @property
-    def sede(self) -> str: ...
-    @property
-    def dispositivo(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def last_seen(self) -> float: ...
-
-
 def empresas_view(
     settings: Settings,
-    devices: Callable[[Collection[str]], Iterable[DeviceView]],
+    devices: Callable[[Collection[str]], Iterable[DeviceState]],
     book: AlarmBook,
     timelines: Timelines | None,
 ) -> list[dict[str, Any]]:
     """``devices(empresas)`` gives the devices of those empresas (``Watchdog.devices_of``)."""
     configured = {e.id for e in settings.empresas}
-    per_empresa: dict[str, list[DeviceView]] = {e: [] for e in configured}
+    per_empresa: dict[str, list[DeviceState]] = {e: [] for e in configured}
     for d in devices(configured):
         mine = per_empresa.get(d.empresa)
         if mine is not None:
