@@ -155,6 +155,7 @@ class DurableStream:
         self._wakeup = trio.Event()
         self._space = trio.Event()
         self.appended = 0  # items this process added (the counter invariant's input)
+        self.skipped: dict[str, int] = {}  # of those, how many each group skips (append's skip)
         self._groups_ready = False
         self._had_groups = False
         self._sha = ""
@@ -172,22 +173,33 @@ class DurableStream:
         return len(self._inflight[group])
 
     # -- producing ---------------------------------------------------------------------------
-    async def append(self, items: Sequence[tuple[bytes, str]], *, skip: str = "") -> list[Receipt]:
+    async def append(
+        self,
+        items: Sequence[tuple[bytes, str]],
+        *,
+        skip: str = "",
+        skips: Sequence[str] | None = None,
+    ) -> list[Receipt]:
         """Append (data, dedup_key) pairs in order. Every non-empty key is remembered; a key
         written ``"?key"`` marks a re-delivery, dropped (and reported safe) when the key was
         seen before. Only re-deliveries are checked: a panel that reuses an id after a reboot
         must never lose a fresh alarm. ``skip``: comma-separated groups that must not see
-        these items. Waits while the memory fallback is full."""
+        these items; ``skips``: the same per item. A group skipped by every item of a batch
+        is not even woken (its reader acknowledges them on its next poll); how many items
+        each group skipped is counted in ``skipped``. Waits while the memory fallback is
+        full."""
         async with self._lock:
             fresh: list[tuple[bytes, str]] = []
+            fresh_skips: list[str] = []
             out: list[Receipt | None] = []
-            for data, key in items:
+            for i, (data, key) in enumerate(items):
                 if key.startswith("?") and key[1:] in self._seen:
                     out.append(SAFE)
                     continue
                 fresh.append((data, key))
+                fresh_skips.append(skips[i] if skips is not None else skip)
                 out.append(None)
-            receipts = await self._append_locked(fresh, skip)
+            receipts = await self._append_locked(fresh, fresh_skips)
             it = iter(receipts)
             result = [r if r is not None else next(it) for r in out]
             for _, key in fresh:
@@ -200,7 +212,9 @@ class DurableStream:
         if len(self._seen) > MEMORY_DEDUP:
             self._seen.popitem(last=False)
 
-    async def _append_locked(self, items: list[tuple[bytes, str]], skip: str) -> list[Receipt]:
+    async def _append_locked(
+        self, items: list[tuple[bytes, str]], skips: list[str]
+    ) -> list[Receipt]:
         if not items:
             return []
         if self.link.up:
@@ -208,13 +222,13 @@ class DurableStream:
                 if self._mem:
                     await self._migrate_locked()
                 self.appended += await self._xadd(
-                    items, [skip] * len(items) if skip else (), read_through=True
+                    items, skips if any(skips) else (), read_through=True
                 )
                 return [SAFE] * len(items)
             except RedisError as exc:
                 self.link.down(exc)
         receipts = []
-        for data, _ in items:
+        for (data, _), skip in zip(items, skips, strict=True):
             while len(self._mem) >= self.memory_limit:
                 log.warning(
                     "%s memory fallback full (%d items): upstream acknowledgements paused",
@@ -230,6 +244,8 @@ class DurableStream:
             self._mem_seq += 1
             self.appended += 1
             done = {g for g in skip.split(",") if g}
+            for g in done:
+                self.skipped[g] = self.skipped.get(g, 0) + 1
             m = _Mem(id=f"m-{self._mem_seq}", data=data, done_by=done)
             self._mem[m.id] = m
             for g in self.groups:
@@ -250,12 +266,17 @@ class DurableStream:
         ``read_through``: also read the new entries for the groups whose reader waits."""
         redis = self.link.redis
         assert redis is not None
+        # groups skipped by every item: not woken (their reader acks them on its next poll)
+        unwanted = (
+            set.intersection(*({g for g in sk.split(",") if g} for sk in skips))
+            if skips and read_through else set()
+        )  # fmt: skip
         reads = [
             (g, self._want[g]) for g in self.groups if read_through and self._groups_ready
-            and self._want[g] > 0
+            and self._want[g] > 0 and g not in unwanted
         ]  # fmt: skip
         for g in self.groups:  # new entries a reader will not get handed: it must look
-            if self._want[g] <= 0 or not read_through or not self._groups_ready:
+            if not any(g == r for r, _ in reads):
                 self._behind[g] = True
         args: list[bytes | str | int] = [DEDUP_TTL, self.consumer, len(reads)]
         for g, want in reads:
@@ -265,6 +286,11 @@ class DurableStream:
         ok = False
         try:
             ids, *replies = await self._run_append(redis, args, items, skips)
+            if read_through and skips:  # count what each group skips (not on migration)
+                for i, sk in zip(ids, skips, strict=True):
+                    if i is not None and sk:
+                        for g in sk.split(","):
+                            self.skipped[g] = self.skipped.get(g, 0) + 1
             for (g, want), reply in zip(reads, replies, strict=True):
                 if isinstance(reply, RedisReplyError):  # NOGROUP: the reader sorts it out
                     self._behind[g] = True
