@@ -179,7 +179,11 @@ class Http11Pool:
         """
         target = self._prefix + path
         request = self._request(target, body, headers)
-        async with self._slots:
+        try:  # a free slot without a scheduler pass (the answer's wait is the checkpoint)
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             conn = self._take_idle()
             if conn is not None:
                 try:
@@ -191,6 +195,8 @@ class Http11Pool:
                 return await self._roundtrip(conn, target, request, reused=False)
             except _NothingSent as exc:  # unreachable for a fresh connection
                 raise ProtocolFailure("write failed", url=self._origin + target) from exc
+        finally:
+            self._slots.release()
 
     def _request(self, target: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         url = self._origin + target
