@@ -29,7 +29,7 @@ pyz: dist/botonera-bridge.pyz
 dist/botonera-bridge.pyz: shiv.toml pyproject.toml $(shell find src -name '*.py' -o -name '*.html')
 	$(PYTHON) scripts/build_pyz.py
 
-bench:  ## throughput, latency, CPU and RSS against a naive baseline (writes bench/results/latest.md)
+bench:  ## throughput, CPU, latency, backlog drain and RSS against Node-RED 4 (npm-installed into bench/.node-red) and a naive forwarder (writes bench/results/latest.md)
 	$(PYTHON) bench/run.py
 
 clean:
