@@ -48,7 +48,7 @@ demo: $(STAMP)  ## the main job on embedded defaults: private broker, reference 
 pyz: $(STAMP)
 	$(PY) scripts/build_pyz.py $(if $(PLATFORM),--platform $(PLATFORM))
 
-bench: $(STAMP)  ## throughput, latency, CPU and RSS against a naive baseline (writes bench/results/latest.md)
+bench: $(STAMP)  ## throughput, CPU, latency, backlog drain and RSS against Node-RED 4 (npm-installed into bench/.node-red) and a naive forwarder (writes bench/results/latest.md)
 	$(PY) bench/run.py
 	$(MAKE) pyz
 	$(PY) scripts/pyz_stats.py dist/botonera-bridge.pyz

@@ -36,7 +36,8 @@ class Publisher:
     def __init__(self, port: int, client_id: str, topic: str = "empresas") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = _str(b"MQTT") + b"\x04\x02" + struct.pack("!H", 60) + _str(client_id.encode())
+        # keep-alive 0: the broker never drops this (silent between phases) publisher
+        body = _str(b"MQTT") + b"\x04\x02" + struct.pack("!H", 0) + _str(client_id.encode())
         self.sock.sendall(b"\x10" + _varint(len(body)) + body)
         connack = self._recv_exact(4)
         if connack[0] != 0x20 or connack[3] != 0:

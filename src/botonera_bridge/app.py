@@ -33,7 +33,7 @@ from .inbox import Inbox
 from .messages import Event
 from .metrics import Metrics
 from .mqtt import MqttClient, MqttMessage, open_mqtt
-from .outbox import DeadLetters, Outbox
+from .outbox import DeadLetters, Outbox, whatsapp_needs
 from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis_settings
@@ -378,6 +378,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
         pool, http = await _open_backend_clients(stack, s)
         sender = await stack.enter_async_context(open_sender(s.whatsapp))
         wa_sink = WhatsAppSink(s, sender, metrics=bridge.metrics, observer=bridge.timelines)
+        bridge.outbox.needed_by["whatsapp"] = whatsapp_needs(wa_sink.recipients)
 
         async def tell_central(event: Event) -> None:
             await wa_sink.post(s.central, texts.unknown_to_backend_text(event))

@@ -199,6 +199,9 @@ class MqttClient:
         self._have_msgs = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
         self._buffer: collections.deque[MqttMessage] = collections.deque()
+        # the receiver's channel while _drain runs and holds no message: on_message hands
+        # a message straight to it when nothing is buffered (no hop through _drain)
+        self._direct: trio.MemorySendChannel[MqttMessage] | None = None
         self._accepting = True
         self._pub_waiters: dict[int, trio.Event] = {}
         self._sub_waiters: dict[int, _SubWaiter] = {}
@@ -632,18 +635,23 @@ class MqttClient:
 
     async def _drain(self, send: trio.MemorySendChannel[MqttMessage]) -> None:
         buffer = self._buffer
-        while True:
-            while not buffer:
-                await self._have_msgs.park()
-            msg = buffer.popleft()
-            if len(buffer) < BUFFER_LIMIT:
-                self._space.unpark_all()
-            if msg.generation != self._generation:
-                continue  # from a dead connection: the broker redelivers it
-            try:
-                send.send_nowait(msg)
-            except trio.WouldBlock:
-                await send.send(msg)
+        try:
+            while True:
+                while not buffer:
+                    self._direct = send
+                    await self._have_msgs.park()
+                self._direct = None  # holding messages: order goes through us
+                msg = buffer.popleft()
+                if len(buffer) < BUFFER_LIMIT:
+                    self._space.unpark_all()
+                if msg.generation != self._generation:
+                    continue  # from a dead connection: the broker redelivers it
+                try:
+                    send.send_nowait(msg)
+                except trio.WouldBlock:
+                    await send.send(msg)
+        finally:
+            self._direct = None
 
     async def _discard(self) -> None:
         while True:
@@ -697,11 +705,21 @@ class MqttClient:
         except UnicodeDecodeError:
             topic = bytes(m._topic).decode("utf-8", "replace")
         payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload)
-        self._buffer.append(
-            MqttMessage(topic, payload, m.mid, m.qos, self._generation, time.time_ns(), bool(m.dup))
+        msg = MqttMessage(
+            topic, payload, m.mid, m.qos, self._generation, time.time_ns(), bool(m.dup)
         )
         self._received += 1
         self._taken += 1
+        direct = self._direct
+        if direct is not None and not self._buffer:
+            try:
+                direct.send_nowait(msg)
+                return
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._direct = None  # _drain finds out and ends
+        self._buffer.append(msg)
         self._have_msgs.unpark_all()
 
     def _on_publish(

@@ -12,6 +12,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
+from . import texts
 from .errors import RedisError, RedisReplyError
 from .messages import Event, decode_event, encode_event
 from .metrics import Metrics
@@ -244,15 +245,30 @@ class Outbox:
         self.finished_count: dict[str, dict[str, int]] = {
             g: {"ok": 0, "skipped": 0, "failed": 0} for g in GROUPS
         }
+        # per sink, optional: does this event need that sink at all? (decided at append:
+        # an event no sink needs costs that sink's consumer group no round trip)
+        self.needed_by: dict[str, Callable[[Event], bool]] = {}
 
     async def append(
         self, events: Sequence[tuple[Event, str]], *, only: str = "", fence: Fence | None = None
     ) -> list[Receipt]:
         """Append (event, dedup key) pairs; see DurableStream.append. ``only``: one sink;
-        ``fence``: the MQTT session lease they were received under (ha.py)."""
-        skip = ",".join(g for g in GROUPS if g != only) if only else ""
-        items = [(encode_event(e), k) for e, k in events]
-        return await self.stream.append(items, skip=skip, fence=fence)
+        ``fence``: the MQTT session lease they were received under (ha.py). A sink whose
+        ``needed_by`` predicate says no skips the event (counted as skipped)."""
+        others = tuple(g for g in GROUPS if g != only) if only else ()
+        needs = self.needed_by
+        skips = [
+            ",".join(g for g in GROUPS if g in others or (g in needs and not needs[g](e)))
+            for e, _ in events
+        ]
+        before = dict(self.stream.skipped)
+        receipts = await self.stream.append(
+            [(encode_event(e), k) for e, k in events], skips=skips, fence=fence
+        )
+        for g, n in self.stream.skipped.items():
+            if g not in others and n != before.get(g, 0):  # ``only`` replays are not finishes
+                self.finished_count[g]["skipped"] += n - before.get(g, 0)
+        return receipts
 
     async def emit(self, event: Event) -> None:
         """Append one bridge-made event (watchdog, acuse). It does not wait for the memory
@@ -361,6 +377,17 @@ def _receipt_outcomes(replies: list[Any]) -> dict[str, str]:
         return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
     except (TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
         raise RedisError(f"unexpected HGETALL reply: {exc!r}") from exc
+
+
+def whatsapp_needs(recipients: Callable[[Event], Sequence[str]]) -> Callable[[Event], bool]:
+    """The WhatsApp sink's "would I send this?", decided at append: the same test its
+    reader applies (texts.notifies, someone to send to). Send-test (prueba) events always
+    go through it: their receipt waits for the WhatsApp sink's outcome."""
+
+    def needs(event: Event) -> bool:
+        return event.prueba or (texts.notifies(event) and bool(recipients(event)))
+
+    return needs
 
 
 def _safe_decode(data: bytes) -> Event | None:

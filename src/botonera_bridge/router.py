@@ -54,6 +54,7 @@ class Router:
         self.observers = observers
         self._known = {e.id for e in settings.empresas}
         self._max_payload = settings.mqtt.max_payload
+        self._queued = 0  # messages handed to the acker, not yet acknowledged
 
     def reconfigure(self, settings: Settings) -> None:
         """Reload (SIGHUP): empresas added or removed count from the next message on."""
@@ -90,7 +91,12 @@ class Router:
                         if self.fence is not None:
                             self.fence.refused()  # ha.py reconnects if the lease is still ours
                         continue
+                    if not self._queued and all(r.safe for _, r in pairs):
+                        for m, _ in pairs:  # in order, nothing ahead: PUBACK now (no hop)
+                            mqtt.ack(m)
+                        continue
                     for pair in pairs:
+                        self._queued += 1
                         await ack_send.send(pair)
 
     async def _acker(
@@ -100,6 +106,7 @@ class Router:
             async for msg, receipt in recv:
                 await receipt.wait()
                 mqtt.ack(msg)
+                self._queued -= 1
 
     async def process(self, batch: list[MqttMessage]) -> list[tuple[MqttMessage, Receipt]]:
         """Decode a batch, append what must be delivered, and pair each message with its receipt.

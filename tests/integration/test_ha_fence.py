@@ -60,6 +60,76 @@ async def test_append_under_a_lost_lease_appends_nothing(redis_server):
         n.cancel_scope.cancel()
 
 
+async def _xreadgroups(redis) -> int:
+    info = (await redis.execute("INFO", "commandstats")).decode()
+    for line in info.splitlines():
+        if line.startswith("cmdstat_xreadgroup:"):
+            return int(line.split(":", 1)[1].split(",")[0].split("=")[1])
+    return 0
+
+
+async def test_fenced_append_reads_through_for_a_waiting_reader(redis_server):
+    """One script: fence check (KEYS[2]/ARGV[2]), then the reads for waiting readers, then
+    the items. A waiting reader's poll is 5 s away, so what it gets within 2 s came from
+    the append's own read; a fenced append appends and hands over nothing."""
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link = RedisLink(redis, metrics=Metrics())
+        stream = DurableStream(
+            link, "t:out", ("g", "h"), consumer="c", memory_limit=10, dedup_prefix="t:seen:"
+        )
+        await n.start(link.run)
+        lease = "t:replicas:bridge-b"
+        await redis.execute("SET", lease, "bridge-b 1 x")
+        mine = _Fence(lease, "bridge-b 1 x")
+        await stream.append([(b"zero", "")], fence=mine)
+        with trio.fail_after(5):
+            assert [i.data for i in await stream.read("g", 10, block_ms=100)] == [b"zero"]
+        with trio.move_on_after(0.3):  # caught up: nothing more
+            assert await stream.read("g", 10, block_ms=100) == []
+
+        async def read_one(into: list, done: trio.Event) -> None:
+            into.extend(await stream.read("g", 10, block_ms=5000))
+            done.set()
+
+        got: list = []
+        done = trio.Event()
+        n.start_soon(read_one, got, done)
+        await trio.sleep(0.2)  # the reader waits for a hand-over now
+        before = await _xreadgroups(redis)
+        with trio.fail_after(2):
+            await stream.append([(b"one", "k1"), (b"skip-g", "")], fence=mine, skips=["", "g"])
+            await done.wait()
+        assert await _xreadgroups(redis) - before == 1  # the script's own, no poll
+        assert [i.data for i in got] == [b"one"]
+        assert await redis.execute("EXISTS", "t:seen:k1") == 1
+        # a re-delivery of k1 under the fence: dropped by its dedup key (items start
+        # after the group-read arguments)
+        got.clear()
+        done = trio.Event()
+        n.start_soon(read_one, got, done)
+        await trio.sleep(0.2)
+        (r,) = await stream.append([(b"one again", "?k1")], fence=mine)
+        assert r.safe
+        assert await redis.execute("XLEN", "t:out") == 3
+        # another replica adopted the session: nothing appended, nothing handed over
+        await redis.execute("SET", lease, "bridge-a 2 y")
+        with pytest.raises(FencedError):
+            await stream.append([(b"two", "k2")], fence=mine)
+        assert await redis.execute("XLEN", "t:out") == 3
+        assert await redis.execute("EXISTS", "t:seen:k2") == 0
+        assert link.up
+        await trio.sleep(0.2)
+        assert got == []
+        # the waiting reader still gets the adopter's append from that append's read
+        before = await _xreadgroups(redis)
+        with trio.fail_after(2):
+            await stream.append([(b"three", "k3")], fence=_Fence(lease, "bridge-a 2 y"))
+            await done.wait()
+        assert await _xreadgroups(redis) - before == 1
+        assert [i.data for i in got] == [b"three"]
+        n.cancel_scope.cancel()
+
+
 def test_ha_config_keys_and_env():
     s = from_mapping({"ha": {"enabled": True, "lease": 3}}, env={})
     assert s.ha.enabled

@@ -319,3 +319,66 @@ async def test_first_write_failing_on_a_reused_connection_is_resent_once(
             assert (await pool.post("/a", b"2", []))[0] == 200
             assert pool.connections_opened == 2
     assert raw.requests == [b"1", b"2"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", "head larger"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", "content-length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "content-length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "transfer-encoding"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX", "CRLF"),
+        (b"HTTP/1.1 200 OK\r\n Folded: x\r\nContent-Length: 0\r\n\r\n", "header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "larger than"),
+        (b"HTTP/2 200\r\n\r\n", "status line"),
+    ],
+)
+async def test_hostile_answers_are_protocol_failures(answer: bytes, why: str) -> None:
+    async def reply(n: int, stream: trio.SocketStream) -> None:
+        await stream.send_all(answer)
+
+    with trio.fail_after(CEILING):
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
+            with pytest.raises(ProtocolFailure, match=why):
+                await pool.post("/x", b"{}", [])
+            assert pool.idle_connections == 0
+
+
+async def test_answer_without_length_reads_to_close_and_stray_bytes_drop_the_connection() -> None:
+    async def reply(n: int, stream: trio.SocketStream) -> None:
+        if n == 0:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+            await stream.aclose()
+            raise trio.ClosedResourceError
+        await stream.send_all(OK + b"HTTP/1.1 200 OK\r\n")  # a stray extra answer
+
+    with trio.fail_after(CEILING):
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
+            assert (await pool.post("/x", b"a", []))[:2] == (200, b"until the end")
+            assert (await pool.post("/x", b"b", []))[:2] == (200, b"ok")
+            assert pool.idle_connections == 0  # out of step: never reused
+            assert pool.connections_opened == 2
+
+
+async def test_request_headers_cannot_inject_lines() -> None:
+    async def reply(n: int, stream: trio.SocketStream) -> None:
+        await stream.send_all(OK)
+
+    with trio.fail_after(CEILING):
+        async with (
+            raw_server(reply) as raw,
+            open_pool(raw.url, max_connections=1, connect_timeout=2, read_timeout=2) as pool,
+        ):
+            with pytest.raises(ProtocolFailure, match="invalid request header"):
+                await pool.post("/x", b"{}", [(b"idempotency-key", b"a\r\nx-evil: 1")])
+            with pytest.raises(ProtocolFailure, match="invalid request header"):
+                await pool.post("/x", b"{}", [(b"bad name", b"v")])
+    assert raw.requests == []

@@ -205,3 +205,110 @@ async def test_entry_delivered_too_often_goes_to_on_poison(redis_server):
         assert poisoned == [("a", b"crashes-us", MAX_DELIVERIES + 1)]
         pending = await redis.execute("XPENDING", "t:p", "a")
         assert pending[0] == 0
+
+
+async def _commands(redis) -> dict[str, int]:
+    info = (await redis.execute("INFO", "commandstats")).decode()
+    out = {}
+    for line in info.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line.partition(":")
+            out[name[8:]] = int(rest.split(",")[0].split("=")[1])
+    return out
+
+
+async def test_waiting_reader_is_handed_appends_and_acks_go_out_batched(redis_server):
+    """The append's own round trip reads for a waiting reader (its poll is 5 s away, so the
+    entry can only come from the append); acks are deferred while maintenance runs."""
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        await stream.append([(b"first", "")])
+        (taken,) = await _drain(stream, "a", 1)  # now caught up
+        first = taken.id
+        got: list = []
+        arrived = trio.Event()
+
+        async def reader():
+            got.extend(await stream.read("a", 10, block_ms=5000))
+            arrived.set()
+
+        n.start_soon(reader)
+        await trio.sleep(0.2)  # the reader waits for local appends now
+        before = await _commands(redis)
+        with trio.fail_after(2):
+            await stream.append([(b"second", "")])
+            await arrived.wait()
+        after = await _commands(redis)
+        assert [i.data for i in got] == [b"second"]
+        assert after.get("xreadgroup", 0) - before.get("xreadgroup", 0) == 1  # inside EVALSHA
+        pending = await redis.execute("XPENDING", "t:stream", "a", "-", "+", 10)
+        # in our PEL like any XREADGROUP read ("first" was never acked either)
+        assert [(p[0].decode(), p[1]) for p in pending] == [(first, b"c1"), (got[0].id, b"c1")]
+        n.start_soon(stream.run_maintenance, 3600.0)
+        await trio.sleep(0.05)
+        await stream.ack("a", [i.id for i in got])
+        assert (await redis.execute("XPENDING", "t:stream", "a"))[0] == 2  # not sent yet
+        await trio.sleep(0.2)  # ACK_DELAY later: one XACK for the batch
+        assert (await redis.execute("XPENDING", "t:stream", "a"))[0] == 1  # "first" stays
+        n.cancel_scope.cancel()
+
+
+async def test_group_every_item_skips_is_not_woken_and_acks_them_later(redis_server):
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        n.start_soon(stream.run_maintenance, 3600.0)
+        await stream.append([(b"x", "")])
+        await _drain(stream, "b", 1)
+        got: list = []
+        arrived = trio.Event()
+
+        async def reader():
+            while True:
+                got.extend(await stream.read("b", 10, block_ms=300))
+                arrived.set()
+
+        n.start_soon(reader)
+        await trio.sleep(0.1)
+        await stream.append([(f"s{i}".encode(), "") for i in range(5)], skips=["b"] * 5)
+        assert stream.skipped == {"b": 5}
+        await trio.sleep(0.1)
+        assert got == []
+        await stream.append([(b"for-b", "")])
+        with trio.fail_after(3):
+            await arrived.wait()
+        assert [i.data for i in got] == [b"for-b"]
+        await trio.sleep(0.6)  # the reader's poll read and acknowledged the skipped ones
+        pending = await redis.execute("XPENDING", "t:stream", "b")
+        assert pending[0] == 2  # "x" and "for-b", not acked by this test; no skipped entry
+        assert await stream.depth("a") == 7  # group a sees everything
+        n.cancel_scope.cancel()
+
+
+async def test_release_re_reads_own_pending_at_once_but_not_deferred_acks(redis_server):
+    """A restarted consumer (release) re-reads our pending entries at once, even while
+    caught up (its poll is 5 s away); an entry whose ack is deferred (ACK_DELAY) is not
+    handed out again."""
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        n.start_soon(stream.run_maintenance, 3600.0)
+        await stream.append([(b"one", ""), (b"two", "")])
+        got = await _drain(stream, "a", 2)
+        assert [i.data for i in got] == [b"one", b"two"]
+        with trio.move_on_after(0.3):  # caught up: waits for a hand-over now
+            extra = await stream.read("a", 10, block_ms=5000)
+            raise AssertionError(f"nothing new was appended: {extra}")
+        await stream.ack("a", [got[0].id])  # deferred: still pending in Redis
+        assert stream.release("a") == 1  # "two" was handed out, never acknowledged
+        with trio.fail_after(2):
+            again = await stream.read("a", 10, block_ms=5000)
+        assert [i.data for i in again] == [b"two"]
+        with trio.move_on_after(0.3):
+            extra = await stream.read("a", 10, block_ms=5000)
+            raise AssertionError(f"handed out twice: {extra}")
+        await trio.sleep(0.1)  # ACK_DELAY later the deferred ack went out
+        pending = await redis.execute("XPENDING", "t:stream", "a", "-", "+", 10)
+        assert [p[0].decode() for p in pending] == [again[0].id]
+        n.cancel_scope.cancel()

@@ -21,6 +21,15 @@ Guarantees:
   entries (those it is not delivering); an append that timed out may be in the
   stream *and* in memory, so it can be delivered twice, with the same event
   (the sinks' Idempotency-Key is the event id).
+
+Cost per item at a steady rate (the bench's "CPU per message"): the append script
+also reads the new entries for every group whose reader is waiting (XREADGROUP
+inside the script: same consumer-group semantics, the entries go to our PEL), and
+hands them to those readers in memory; a reader polls Redis itself only when it
+may be behind (start, a full reader, a poll period without local appends, entries
+appended by another process). Stream acks are sent in batches ``ACK_DELAY`` later
+while ``run_maintenance`` runs (a crash in that window re-delivers those entries:
+at least once, as before). One round trip per appended batch instead of five.
 """
 
 from __future__ import annotations
@@ -67,12 +76,16 @@ RECLAIM_IDLE_MS: Final = 60000  # a pending entry idle this long belongs to a de
 TOUCH_AFTER: Final = 20.0  # seconds: refresh idle time of our own in-flight entries
 MAX_DELIVERIES: Final = 10
 MIGRATION_WAIT: Final = 5.0  # seconds sinks get to finish memory entries when Redis returns
+ACK_DELAY: Final = 0.02  # seconds stream acks wait to be sent together
+POLL_MS: Final = 1000  # a caught-up reader checks Redis itself this often
 
 # One round trip, atomic: refuse everything when a fence is given (KEYS[2], the MQTT
 # session's lease, see ha.py) and another replica's token is there (ARGV[2] is ours; an
 # absent lease, e.g. after a Redis restart, was taken by nobody); remember each item's
 # dedup key; skip a re-delivered item (key prefixed "?") whose key was already there;
-# append the rest.
+# append the rest; then read what is new for the groups whose reader waits.
+# ARGV: ttl, fence token ("" without a fence), consumer, n, n x (group, count), then
+# (key, data, skip) per item. Returns {ids, reply of each XREADGROUP}.
 _APPEND_LUA: Final = """
 if KEYS[2] then
   local holder = redis.call('GET', KEYS[2])
@@ -81,7 +94,8 @@ if KEYS[2] then
   end
 end
 local out = {}
-for i = 3, #ARGV, 3 do
+local ngroups = tonumber(ARGV[4])
+for i = 5 + 2 * ngroups, #ARGV, 3 do
   local ok = true
   local k = ARGV[i]
   if string.sub(k, 1, 1) == '?' then
@@ -95,7 +109,12 @@ for i = 3, #ARGV, 3 do
     out[#out + 1] = false
   end
 end
-return out
+local result = {out}
+for g = 0, ngroups - 1 do
+  result[#result + 1] = redis.pcall('XREADGROUP', 'GROUP', ARGV[5 + 2 * g], ARGV[3],
+    'COUNT', ARGV[6 + 2 * g], 'STREAMS', KEYS[1], '>')
+end
+return result
 """
 
 
@@ -178,11 +197,21 @@ class DurableStream:
         self._inflight: dict[str, dict[str, float]] = {g: {} for g in self.groups}
         self._pel_cursor: dict[str, str | None] = dict.fromkeys(self.groups, "0")
         self._unsent_acks: dict[str, list[str]] = {g: [] for g in self.groups}
+        # read-through (see the module docstring), per group
+        self._want: dict[str, int] = dict.fromkeys(self.groups, 0)  # a waiting reader's count
+        self._pushing: dict[str, int] = dict.fromkeys(self.groups, 0)  # scripts reading for it
+        self._pushed: dict[str, deque[Item]] = {g: deque() for g in self.groups}
+        self._arrived: dict[str, trio.Event] = {g: trio.Event() for g in self.groups}
+        self._behind: dict[str, bool] = dict.fromkeys(self.groups, True)
+        self._acks_later: dict[str, list[str]] = {g: [] for g in self.groups}
+        self._ack_due = trio.Event()
+        self._acks_batched = False  # run_maintenance is running: it sends deferred acks
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = trio.Lock()
         self._wakeup = trio.Event()
         self._space = trio.Event()
         self.appended = 0  # items this process added (the counter invariant's input)
+        self.skipped: dict[str, int] = {}  # of those, how many each group skips (append's skip)
         self._groups_ready = False
         self._had_groups = False
         self._sha = ""
@@ -203,30 +232,46 @@ class DurableStream:
 
     # -- producing ---------------------------------------------------------------------------
     async def append(
-        self, items: Sequence[tuple[bytes, str]], *, skip: str = "", fence: Fence | None = None
+        self,
+        items: Sequence[tuple[bytes, str]],
+        *,
+        skip: str = "",
+        skips: Sequence[str] | None = None,
+        fence: Fence | None = None,
     ) -> list[Receipt]:
         """Append (data, dedup_key) pairs in order. Every non-empty key is remembered; a key
         written ``"?key"`` marks a re-delivery, dropped (and reported safe) when the key was
         seen before. Only re-deliveries are checked: a panel that reuses an id after a reboot
         must never lose a fresh alarm. ``skip``: comma-separated groups that must not see
-        these items. Waits while the memory fallback is full. ``fence``: raise FencedError,
-        appending nothing, unless this replica still holds that session lease."""
-        async with self._lock:
+        these items; ``skips``: the same per item. A group skipped by every item of a batch
+        is not even woken (its reader acknowledges them on its next poll); how many items
+        each group skipped is counted in ``skipped``. Waits while the memory fallback is
+        full. ``fence``: raise FencedError, appending nothing, unless this replica still
+        holds that session lease."""
+        try:  # uncontended: no scheduler pass (the append's round trip checkpoints)
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             fresh: list[tuple[bytes, str]] = []
+            fresh_skips: list[str] = []
             out: list[Receipt | None] = []
-            for data, key in items:
+            for i, (data, key) in enumerate(items):
                 if key.startswith("?") and key[1:] in self._seen:
                     out.append(SAFE)
                     continue
                 fresh.append((data, key))
+                fresh_skips.append(skips[i] if skips is not None else skip)
                 out.append(None)
-            receipts = await self._append_locked(fresh, skip, fence)
+            receipts = await self._append_locked(fresh, fresh_skips, fence)
             it = iter(receipts)
             result = [r if r is not None else next(it) for r in out]
             for _, key in fresh:
                 if key:
                     self._remember(key.removeprefix("?"))
             return result
+        finally:
+            self._lock.release()
 
     def _remember(self, key: str) -> None:
         self._seen[key] = None
@@ -234,7 +279,7 @@ class DurableStream:
             self._seen.popitem(last=False)
 
     async def _append_locked(
-        self, items: list[tuple[bytes, str]], skip: str, fence: Fence | None = None
+        self, items: list[tuple[bytes, str]], skips: list[str], fence: Fence | None = None
     ) -> list[Receipt]:
         if not items:
             return []
@@ -244,15 +289,16 @@ class DurableStream:
             try:
                 if self._mem:
                     await self._migrate_locked()
-                skips = [skip] * len(items) if skip else ()
-                self.appended += await self._xadd(items, skips, fence)
+                self.appended += await self._xadd(
+                    items, skips if any(skips) else (), fence, read_through=True
+                )
                 return [SAFE] * len(items)
             except RedisError as exc:
                 self.link.down(exc)
             if fence is not None and not fence.valid():  # checked again: the append may be late
                 raise FencedError(f"{self.key}: not appending, session lease {fence.key} lost")
         receipts = []
-        for data, _ in items:
+        for (data, _), skip in zip(items, skips, strict=True):
             while len(self._mem) >= self.memory_limit:
                 log.warning(
                     "%s memory fallback full (%d items): upstream acknowledgements paused",
@@ -268,6 +314,8 @@ class DurableStream:
             self._mem_seq += 1
             self.appended += 1
             done = {g for g in skip.split(",") if g}
+            for g in done:
+                self.skipped[g] = self.skipped.get(g, 0) + 1
             m = _Mem(id=f"m-{self._mem_seq}", data=data, done_by=done)
             self._mem[m.id] = m
             for g in self.groups:
@@ -283,13 +331,72 @@ class DurableStream:
         items: Sequence[tuple[bytes, str]],
         skips: Sequence[str] = (),
         fence: Fence | None = None,
+        *,
+        read_through: bool = False,
     ) -> int:
         """Run the append script; returns how many items were added (re-deliveries dropped).
-        Raises FencedError when ``fence`` no longer holds its token."""
+        Raises FencedError when ``fence`` no longer holds its token. ``read_through``: also
+        read the new entries for the groups whose reader waits."""
         redis = self.link.redis
         assert redis is not None
+        # groups skipped by every item: not woken (their reader acks them on its next poll)
+        unwanted = (
+            set.intersection(*({g for g in sk.split(",") if g} for sk in skips))
+            if skips and read_through else set()
+        )  # fmt: skip
+        reads = [
+            (g, self._want[g]) for g in self.groups if read_through and self._groups_ready
+            and self._want[g] > 0 and g not in unwanted
+        ]  # fmt: skip
+        for g in self.groups:  # new entries a reader will not get handed: it must look
+            if not any(g == r for r, _ in reads):
+                self._behind[g] = True
         keys = [self.key, fence.key] if fence is not None else [self.key]
-        args: list[bytes | str | int] = [DEDUP_TTL, fence.token if fence is not None else ""]
+        # layout of _APPEND_LUA's ARGV: ttl, fence token, consumer, n, n x (group, count)
+        args: list[Arg] = [
+            DEDUP_TTL,
+            fence.token if fence is not None else "",
+            self.consumer,
+            len(reads),
+        ]
+        for g, want in reads:
+            args += [g, want]
+            self._want[g] = 0  # taken: the reader waits for this script's answer
+            self._pushing[g] += 1
+        ok = False
+        try:
+            ids, *replies = await self._run_append(redis, keys, args, items, skips)
+            if read_through and skips:  # count what each group skips (not on migration)
+                for i, sk in zip(ids, skips, strict=True):
+                    if i is not None and sk:
+                        for g in sk.split(","):
+                            self.skipped[g] = self.skipped.get(g, 0) + 1
+            for (g, want), reply in zip(reads, replies, strict=True):
+                if isinstance(reply, RedisReplyError):  # NOGROUP: the reader sorts it out
+                    self._behind[g] = True
+                    continue
+                entries = _entries(reply)
+                if len(entries) >= want:
+                    self._behind[g] = True  # maybe more there
+                if entries:
+                    self._pushed[g].extend(await self._accept(g, entries))
+            ok = True
+        finally:
+            for g, _ in reads:
+                self._pushing[g] -= 1
+                if not ok:  # read or not, the reader finds out from Redis
+                    self._behind[g] = True
+                self._arrived[g].set()
+        return sum(1 for i in ids if i is not None)
+
+    async def _run_append(
+        self,
+        redis: Redis,
+        keys: list[str],
+        args: list[Arg],
+        items: Sequence[tuple[bytes, str]],
+        skips: Sequence[str],
+    ) -> list[Any]:
         for i, (data, key) in enumerate(items):
             if key.startswith("?"):
                 key = f"?{self.dedup_prefix}{key[1:]}"
@@ -300,9 +407,7 @@ class DurableStream:
             self._sha = (await redis.execute("SCRIPT", "LOAD", _APPEND_LUA)).decode()
         try:
             try:
-                ids = await self._script(
-                    redis, ["EVALSHA", self._sha, len(keys), *keys, *args]
-                )
+                ids = await self._script(redis, ["EVALSHA", self._sha, len(keys), *keys, *args])
             except RedisReplyError as exc:
                 if exc.code != "NOSCRIPT":
                     raise
@@ -312,7 +417,8 @@ class DurableStream:
             if exc.code == "FENCED":
                 raise FencedError(f"{self.key}: {exc}") from exc
             raise
-        return sum(1 for i in ids if i is not None)
+        result: list[Any] = ids
+        return result
 
     async def _script(self, redis: Redis, command: list[Arg]) -> Any:
         """Run the append script; with Sentinel, wait for a replica in the same round trip."""
@@ -329,10 +435,14 @@ class DurableStream:
         # what such a read took stays pending for us: re-read after the recovery
         for scope in self._reading:
             scope.cancel()
+        for ev in self._arrived.values():  # readers waiting for a hand-over look again now
+            ev.set()
 
     def _wake(self) -> None:
         self._wakeup.set()
         self._wakeup = trio.Event()
+        for ev in self._arrived.values():
+            ev.set()
 
     # -- recovery ----------------------------------------------------------------------------
     async def _on_recovery(self) -> None:
@@ -352,6 +462,7 @@ class DurableStream:
         # list, unseen. Re-read that list (skipping what is being delivered) before ">".
         for g in self.groups:
             self._pel_cursor[g] = "0"
+        self._wake()  # caught-up readers too
 
     async def _migrate_locked(self) -> None:
         """Move memory entries into the stream, in order; finished groups skip them."""
@@ -369,6 +480,7 @@ class DurableStream:
                 m.finished.set()
         log.warning("%s: moved %d memory items into the Redis stream", self.key, len(pending))
         for g in self.groups:
+            self._behind[g] = True
             self._unread[g].clear()
             for mid in [i for i in self._inflight[g] if i.startswith("m-")]:
                 del self._inflight[g][mid]
@@ -409,8 +521,10 @@ class DurableStream:
                 _forget(ids, sent)
 
     # -- consuming ---------------------------------------------------------------------------
-    async def read(self, group: str, count: int, block_ms: int = 2000) -> list[Item]:
-        """Wait for up to ``count`` items for ``group`` (memory first, then the stream)."""
+    async def read(self, group: str, count: int, block_ms: int = POLL_MS) -> list[Item]:
+        """Wait for up to ``count`` items for ``group`` (memory first, then the stream).
+        ``block_ms``: how long a caught-up reader waits for local appends before it
+        checks Redis itself (entries appended by another process)."""
         while True:
             mem = self._unread[group]
             if mem:
@@ -427,6 +541,9 @@ class DurableStream:
             if self._reclaimed[group]:
                 rq = self._reclaimed[group]
                 return [rq.popleft() for _ in range(min(count, len(rq)))]
+            pushed = self._pushed[group]
+            if pushed:
+                return [pushed.popleft() for _ in range(min(count, len(pushed)))]
             if not self.link.up:
                 wake = self._wakeup
                 changed = self.link.changed
@@ -441,13 +558,28 @@ class DurableStream:
                     n.start_soon(_wait, wake)
                     n.start_soon(_wait, changed)
                 continue
+            if self._pushing[group] or (
+                not self._behind[group] and self._pel_cursor[group] is None
+            ):
+                # caught up (own pending entries read too): the next local append hands
+                # entries over; poll now and then
+                self._want[group] = count
+                arrived = self._arrived[group] = trio.Event()
+                try:
+                    with trio.move_on_after(block_ms / 1000):
+                        await arrived.wait()
+                finally:
+                    self._want[group] = 0
+                if not arrived.is_set():
+                    self._behind[group] = True  # entries appended by someone else?
+                continue
             try:
-                # A blocking read is abandoned as soon as the link goes down (another task's
-                # command timed out): memory items must not wait out BLOCK + timeout.
+                # A read is abandoned as soon as the link goes down (another task's command
+                # timed out): memory items must not wait out the command's deadline.
                 with trio.CancelScope() as reading:
                     self._reading.add(reading)
                     try:
-                        items = await self._xread(group, count, block_ms)
+                        items = await self._xread(group, count)
                     finally:
                         self._reading.discard(reading)
                 if reading.cancelled_caught:
@@ -469,17 +601,16 @@ class DurableStream:
                 return items
 
     @_reply_shape
-    async def _xread(self, group: str, count: int, block_ms: int) -> list[Item]:
+    async def _xread(self, group: str, count: int) -> list[Item]:
         redis = self.link.redis
         assert redis is not None
         await self._ensure_groups()
         cursor = self._pel_cursor[group]
         args: list[str | int] = ["XREADGROUP", "GROUP", group, self.consumer, "COUNT", count]
-        if cursor is None:
-            args += ["BLOCK", block_ms]
-        block = block_ms / 1000 if cursor is None else 0.0
-        reply = await redis.execute(*args, "STREAMS", self.key, cursor or ">", block=block)
+        reply = await redis.execute(*args, "STREAMS", self.key, cursor or ">")
         entries = _entries(reply)
+        if cursor is None and len(entries) < count:
+            self._behind[group] = False
         if cursor is not None:
             # Our own pending entries (a restart with the same consumer name), paged by id.
             if not entries:
@@ -487,7 +618,7 @@ class DurableStream:
                 return []
             self._pel_cursor[group] = entries[-1][0]
             busy = self._inflight[group]
-            unsent = set(self._unsent_acks[group])
+            unsent = set(self._unsent_acks[group]) | set(self._acks_later[group])
             entries = [e for e in entries if e[0] not in busy and e[0] not in unsent]
             if entries:
                 entries = await self._drop_poison(group, entries)
@@ -525,9 +656,12 @@ class DurableStream:
                 continue
             out.append(Item(eid, data))
         if skip_ids:
-            redis = self.link.redis
-            assert redis is not None
-            await redis.execute("XACK", self.key, group, *skip_ids)
+            if self._acks_batched:
+                self._ack_soon(group, skip_ids)
+            else:
+                redis = self.link.redis
+                assert redis is not None
+                await redis.execute("XACK", self.key, group, *skip_ids)
         # only now in flight: had the XACK failed, these stay pending, re-read after recovery
         now = time.monotonic()
         for item in out:
@@ -548,6 +682,7 @@ class DurableStream:
                 self._unread[group].appendleft(m)
         inflight.clear()
         self._reclaimed[group].clear()  # read again below, with our other pending entries
+        self._pushed[group].clear()
         self._pel_cursor[group] = "0"
         self._wake()
         return released
@@ -573,6 +708,9 @@ class DurableStream:
         if not self.link.up:
             unsent += stream_ids
             return
+        if self._acks_batched:
+            self._ack_soon(group, stream_ids)
+            return
         redis = self.link.redis
         assert redis is not None
         sent = unsent + stream_ids if unsent else stream_ids  # one left from an outage, too
@@ -584,6 +722,55 @@ class DurableStream:
             return
         if unsent:
             _forget(unsent, sent)
+
+    def _ack_soon(self, group: str, ids: list[str]) -> None:
+        self._acks_later[group] += ids
+        self._ack_due.set()
+
+    async def _send_acks(self) -> None:
+        """Every group's deferred acks in one round trip. They stay in ``_acks_later``
+        until sent (a re-read of our pending entries meanwhile must not hand them out)."""
+        batch = {g: list(ids) for g, ids in self._acks_later.items() if ids}
+        if not batch:
+            return
+        if self.link.up:
+            redis = self.link.redis
+            assert redis is not None
+            try:
+                replies = await redis.pipeline(
+                    [["XACK", self.key, g, *ids] for g, ids in batch.items()]
+                )
+            except RedisError as exc:
+                self.link.down(exc)
+            else:
+                refused = {
+                    g for g, r in zip(batch, replies, strict=True)
+                    if isinstance(r, RedisReplyError)
+                }  # fmt: skip
+                for g, ids in batch.items():
+                    if g not in refused:
+                        _forget(self._acks_later[g], ids)
+                if not refused:
+                    return
+                # an error reply is a failure too: those acks are kept and sent on recovery
+                batch = {g: batch[g] for g in refused}
+                self.link.down(RedisError(f"{self.key}: XACK refused for {sorted(refused)}"))
+        for g, ids in batch.items():  # sent on recovery
+            _forget(self._acks_later[g], ids)
+            self._unsent_acks[g] += ids
+
+    async def _run_acks(self) -> None:
+        self._acks_batched = True
+        try:
+            while True:
+                await self._ack_due.wait()
+                await trio.sleep(ACK_DELAY)  # let the acks of this moment gather
+                self._ack_due = trio.Event()
+                await self._send_acks()
+        finally:
+            self._acks_batched = False
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self._send_acks()
 
     # -- maintenance -------------------------------------------------------------------------
     async def maintain(self) -> None:
@@ -687,7 +874,8 @@ class DurableStream:
                 info = _pairs(g)
                 if info.get(b"name") == group.encode():
                     lag = info.get(b"lag")
-                    return n + int(info[b"pending"]) + (int(lag) if lag is not None else 0)
+                    pending = int(info[b"pending"]) - len(self._acks_later[group])
+                    return n + max(0, pending) + (int(lag) if lag is not None else 0)
         except RedisReplyError:
             return n
         except RedisError as exc:
@@ -697,9 +885,12 @@ class DurableStream:
         return n
 
     async def run_maintenance(self, period: float = 5.0) -> None:
-        while True:
-            await trio.sleep(period)
-            await self.maintain()
+        """Maintenance every ``period`` s; meanwhile stream acks go out in batches."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_acks)
+            while True:
+                await trio.sleep(period)
+                await self.maintain()
 
 
 def _forget(ids: list[str], sent: Sequence[str]) -> None:

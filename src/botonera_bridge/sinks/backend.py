@@ -180,7 +180,10 @@ class BackendSink:
                     queue.popleft()
                     continue
                 queue.popleft()
-                await ack_send.send((entry, outcome))
+                try:
+                    ack_send.send_nowait((entry, outcome))
+                except trio.WouldBlock:
+                    await ack_send.send((entry, outcome))
             del self._lanes[name]
 
     async def _deliver(self, entry: Entry) -> str:
@@ -195,8 +198,14 @@ class BackendSink:
         while True:
             attempt += 1
             try:
-                async with self._limiter:
+                try:  # a free slot without a scheduler pass: the POST itself checkpoints
+                    self._limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._limiter.acquire()
+                try:
                     status = await self._post(body, event.id)
+                finally:
+                    self._limiter.release()
             except TransientDelivery as exc:
                 self.last_error = mask_urls_in(str(exc))
                 delay = next(backoff)
