@@ -31,7 +31,9 @@ def rss_kib(pid: int) -> int:
 
 
 def main() -> int:
-    pyz = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "dist" / "botonera-bridge.pyz")
+    # absolute: the bridge under test runs in its own working directory
+    given = sys.argv[1] if len(sys.argv) > 1 else ROOT / "dist" / "botonera-bridge.pyz"
+    pyz = Path(given).resolve()
     root = Path(tempfile.mkdtemp(prefix="bb-shiv-"))
     env = {"SHIV_ROOT": str(root)}
     t0 = time.monotonic()
