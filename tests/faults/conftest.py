@@ -21,6 +21,25 @@ from tests.support.backend import Backend
 from tests.support.bridge import BridgeProc, Publisher
 
 EMPRESAS = ("cota", "tocancipa", "funza", "madrid")
+# one WhatsApp contact per empresa, for the scenarios that watch both sinks
+CONTACTS = dict(
+    zip(EMPRESAS, ("+573001110001", "+573001110002", "+573001110003", "+573001110004"), strict=True)
+)
+
+
+def cloud_whatsapp(api_url: str, **extra: Any) -> dict[str, Any]:
+    """Config for the Cloud API test server, with CONTACTS as the empresas' contactos."""
+    return {
+        "whatsapp": {
+            "provider": "cloud",
+            "api_url": api_url,
+            "phone_number_id": "1055",
+            "token": "wa-tok",
+            "min_interval": 1.0,
+        }
+        | extra,
+        "empresas": [{"id": e, "contactos": [c]} for e, c in CONTACTS.items()],
+    }
 
 
 @pytest.fixture

@@ -19,32 +19,16 @@ import pytest
 from tests.servers.whatsapp_api import FakeWhatsApp
 from tests.support.bridge import wait_until
 
-from .conftest import keys_by_seq, wait_all_seqs
+from .conftest import EMPRESAS, cloud_whatsapp, keys_by_seq, wait_all_seqs
 
 FROZEN = 20.0  # seconds the server hangs
 EVERY = 2.0  # seconds between alarms while it hangs
-CONTACTS = {
-    "cota": "+573001110001",
-    "tocancipa": "+573001110002",
-    "funza": "+573001110003",
-    "madrid": "+573001110004",
-}
-EMPRESAS = tuple(CONTACTS)
 
 
 def _conf(wa: FakeWhatsApp) -> dict[str, Any]:
-    return {
-        "whatsapp": {
-            "provider": "cloud",
-            "api_url": wa.url,
-            "phone_number_id": "1055",
-            "token": "wa-tok",
-            "min_interval": 1.0,
-            "timeout": 3.0,
-        },
-        "backend": {"timeout": 3.0, "retry_max_delay": 5.0},
-        "empresas": [{"id": e, "contactos": [c]} for e, c in CONTACTS.items()],
-    }
+    conf = cloud_whatsapp(wa.url, timeout=3.0)
+    conf["backend"] = {"timeout": 3.0, "retry_max_delay": 5.0}
+    return conf
 
 
 def _alarm(seq: int) -> dict[str, Any]:

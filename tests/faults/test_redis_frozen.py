@@ -20,17 +20,18 @@ import pytest
 from tests.servers.whatsapp_api import FakeWhatsApp
 from tests.support.bridge import wait_until
 
-from .conftest import PacedPublisher, keys_by_seq, metrics, wait_all_seqs
+from .conftest import (
+    CONTACTS,
+    EMPRESAS,
+    PacedPublisher,
+    cloud_whatsapp,
+    keys_by_seq,
+    metrics,
+    wait_all_seqs,
+)
 
 RATE = 10  # messages per second
 BEFORE, FROZEN, AFTER = 4.0, 15.0, 3.0  # seconds of traffic around and during the freeze
-CONTACTS = {
-    "cota": "+573001110001",
-    "tocancipa": "+573001110002",
-    "funza": "+573001110003",
-    "madrid": "+573001110004",
-}
-EMPRESAS = tuple(CONTACTS)
 
 
 def traffic(n: int) -> list[dict[str, Any]]:
@@ -80,19 +81,7 @@ def test_frozen_redis_never_stalls_alarms_and_loses_nothing(
 ):
     wa = FakeWhatsApp()
     try:
-        bridge = bridge_factory(
-            conf={
-                "whatsapp": {
-                    "provider": "cloud",
-                    "api_url": wa.url,
-                    "phone_number_id": "1055",
-                    "token": "wa-tok",
-                    "min_interval": 1.0,
-                },
-                "redis": {"timeout": 1.0},
-                "empresas": [{"id": e, "contactos": [c]} for e, c in CONTACTS.items()],
-            }
-        ).start()
+        bridge = bridge_factory(conf=cloud_whatsapp(wa.url) | {"redis": {"timeout": 1.0}}).start()
         pid = bridge.pid
         assert metrics(bridge)["botonera_redis_connected"] == 1.0
         wall_minus_mono = time.time() - time.monotonic()
