@@ -7,16 +7,16 @@ id, and handled in order per sender; different senders proceed in parallel.
 Each entry is handled in isolation: one that cannot be decoded is logged, counted
 (``botonera_rejected_total{source="inbox"}``) and dead-lettered before it is
 acknowledged; a command that fails is logged (message id masked: WAHA ids embed
-the sender's number) and counted, and the lane goes on. At most
-:data:`MAX_PENDING` entries are held in lanes at once: past that the workers stop
-reading, and the rest waits in the stream.
+the sender's number) and counted, and the lane goes on. The lanes are
+:class:`~botonera_bridge.lanes.Lanes`: at most :data:`MAX_PENDING` entries are held
+at once, past that reading pauses and the rest waits in the stream.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Final
 
 import msgspec
@@ -24,6 +24,7 @@ import trio
 
 from .commands import message_ref
 from .ids import mask_phone
+from .lanes import Lanes
 from .metrics import Metrics
 from .outbox import DeadLetters
 from .queues.streams import DurableStream
@@ -48,8 +49,7 @@ class Inbox:
         self.stream = stream
         self._dead = dead
         self._metrics = metrics
-        self._pending = 0
-        self._room = trio.Event()
+        self._lanes: Lanes[str, tuple[str, Inbound]] | None = None  # one per run
 
     async def append(self, msg: Inbound) -> None:
         """Queue one inbound message; a repeat of a message id is dropped by the stream."""
@@ -59,33 +59,29 @@ class Inbox:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        """Entries held in the lanes: queued or being handled."""
+        return self._lanes.pending if self._lanes is not None else 0
 
     async def run(
         self, handle: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Read the inbox forever and run ``handle`` per message, in order per sender."""
-        lanes: dict[str, deque[tuple[str, Inbound]]] = {}
-        self._pending = 0
+        lanes: Lanes[str, tuple[str, Inbound]] = Lanes(
+            partial(self._one, handle), max_pending=MAX_PENDING
+        )
+        self._lanes = lanes
         async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
             task_status.started()
             while True:
-                while self._pending >= MAX_PENDING:
-                    self._room = trio.Event()
-                    await self._room.wait()
-                items = await self.stream.read(GROUP, min(READ_BATCH, MAX_PENDING - self._pending))
+                items = await self.stream.read(GROUP, min(READ_BATCH, await lanes.room()))
                 for item in items:
                     try:
                         msg = _decoder.decode(item.data)
                     except (msgspec.DecodeError, ValueError) as exc:
                         await self._reject(item.id, item.data, exc)
                         continue
-                    lane = lanes.get(msg.sender)
-                    if lane is None:
-                        lane = lanes[msg.sender] = deque()
-                        nursery.start_soon(self._lane, handle, msg.sender, lane, lanes)
-                    lane.append((item.id, msg))
-                    self._pending += 1
+                    lanes.put_nowait(msg.sender, (item.id, msg))
 
     async def _reject(self, item_id: str, data: bytes, exc: Exception) -> None:
         reason = "undecodable"
@@ -102,31 +98,20 @@ class Inbox:
         )
         await self.stream.ack(GROUP, [item_id])
 
-    async def _lane(
-        self,
-        handle: Handler,
-        sender: str,
-        lane: deque[tuple[str, Inbound]],
-        lanes: dict[str, deque[tuple[str, Inbound]]],
-    ) -> None:
+    async def _one(self, handle: Handler, sender: str, item: tuple[str, Inbound]) -> None:
+        """One message of a sender's lane: a failed command is logged and counted, and
+        the entry is acknowledged either way."""
+        item_id, msg = item
         try:
-            while lane:
-                item_id, msg = lane[0]
-                try:
-                    await handle(msg)
-                except Exception as exc:
-                    if self._metrics is not None:
-                        self._metrics.rejected.labels(source=SOURCE, reason="handler_error").inc()
-                    log.error(
-                        "command from %s failed (message %s): %s",
-                        mask_phone(sender),
-                        message_ref(msg.id),
-                        type(exc).__name__,
-                    )
-                    log.debug("command failure", exc_info=True)
-                lane.popleft()
-                self._pending -= 1
-                self._room.set()
-                await self.stream.ack(GROUP, [item_id])
-        finally:
-            del lanes[sender]
+            await handle(msg)
+        except Exception as exc:
+            if self._metrics is not None:
+                self._metrics.rejected.labels(source=SOURCE, reason="handler_error").inc()
+            log.error(
+                "command from %s failed (message %s): %s",
+                mask_phone(sender),
+                message_ref(msg.id),
+                type(exc).__name__,
+            )
+            log.debug("command failure", exc_info=True)
+        await self.stream.ack(GROUP, [item_id])

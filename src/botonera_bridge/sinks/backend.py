@@ -1,7 +1,7 @@
 """The backend sink: POST each event to the alert backend, in order per empresa.
 
-Each empresa is a lane: its events go one at a time, retried forever on
-transient failures, while other lanes proceed (bounded by ``concurrency``).
+Each empresa is a lane (:mod:`..lanes`): its events go one at a time, retried forever
+on transient failures, while other lanes proceed (POSTs bounded by ``concurrency``).
 A permanent rejection (4xx other than 408/425/429) is dead-lettered at once
 and the lane moves on, so one bad message never blocks anything behind it.
 """
@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from ..backoff import delays
 from ..config import BackendSettings
 from ..errors import PermanentDelivery, TransientDelivery
+from ..lanes import Lanes, LaneStatistics
 from ..messages import Event
 from ..metrics import Metrics
-from ..outbox import Entry
 from ..redact import escape, mask_urls_in
+from . import Delivery, E, EntryLike
 from .http11 import Http11Pool, HttpError
 
 if TYPE_CHECKING:
@@ -34,15 +35,9 @@ _LOGGED_TIPOS: Final = frozenset({"alarmas", "semaforos"})
 PROCESS_PATH: Final = "/api/mqtt-alerts/process"
 VERIFY_PATH: Final = "/api/mqtt-alerts/verify-empresa-sede"
 RETRY_STATUS: Final = frozenset({408, 425, 429})
-MAX_INFLIGHT: Final = 5000  # entries read but not yet acknowledged
+MAX_INFLIGHT: Final = 5000  # entries in the lanes; the acker's channel holds ACK_BATCH * 4 more
 READ_BATCH: Final = 200
 ACK_BATCH: Final = 500
-
-
-class Delivery(Protocol):
-    async def read(self, count: int) -> list[Entry]: ...
-    async def ack(self, entries: Sequence[Entry], outcome: str = "ok") -> None: ...
-    async def dead_letter(self, entry: Entry, reason: str, detail: str) -> None: ...
 
 
 def classify(status: int, body: str, retry_after: str | None) -> None:
@@ -97,45 +92,45 @@ class BackendSink:
             self._headers["Authorization"] = f"Bearer {settings.token}"
         self._raw_headers = [(k.lower().encode(), v.encode()) for k, v in self._headers.items()]
         self._verified: dict[tuple[str, str], tuple[bool, float]] = {}
-        self._lanes: dict[str, deque[Entry]] = {}
-        self._inflight = 0
-        self._room = trio.Event()
+        self._lanes: Lanes[str, Any] | None = None  # one per run
+        self._acking = 0  # delivered, waiting for the acker
         self._limiter = trio.CapacityLimiter(max(1, settings.concurrency))
         self.last_error = ""  # empty while the backend accepts events
 
     @property
     def pending(self) -> int:
-        return self._inflight
+        """Entries read and not yet acknowledged: in the lanes, or waiting for the acker."""
+        return (self._lanes.pending if self._lanes is not None else 0) + self._acking
+
+    def lane_statistics(self) -> LaneStatistics | None:
+        """The running lanes' statistics (for gauges); None before the first run."""
+        return self._lanes.statistics() if self._lanes is not None else None
 
     async def run(
-        self, delivery: Delivery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        delivery: Delivery[E],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        # A clean state on every (re)start: after a crash the old lanes' tasks are gone,
-        # and whatever they held unacknowledged is read again from the outbox.
-        self._lanes = {}
-        self._inflight = 0
-        self._room = trio.Event()
-        ack_send, ack_recv = trio.open_memory_channel[tuple[Entry, str]](ACK_BATCH * 4)
+        # A clean state on every (re)start: after a crash the old lanes are gone, and
+        # whatever they held unacknowledged is read again from the outbox.
+        self._acking = 0
+        ack_send, ack_recv = trio.open_memory_channel[tuple[E, str]](ACK_BATCH * 4)
+        lanes: Lanes[str, E] = Lanes(
+            partial(self._lane_item, delivery, ack_send), max_pending=MAX_INFLIGHT
+        )
+        self._lanes = lanes
         async with trio.open_nursery() as nursery, ack_send:
+            await nursery.start(lanes.run)
             nursery.start_soon(self._acker, delivery, ack_recv)
             task_status.started()
             while True:
-                while self._inflight >= MAX_INFLIGHT:
-                    self._room = trio.Event()
-                    await self._room.wait()
-                entries = await delivery.read(min(READ_BATCH, MAX_INFLIGHT - self._inflight))
-                self._inflight += len(entries)
+                entries = await delivery.read(min(READ_BATCH, await lanes.room()))
                 for entry in entries:
-                    lane = self._lanes.get(entry.event.lane)
-                    if lane is None:
-                        lane = self._lanes[entry.event.lane] = deque()
-                        nursery.start_soon(
-                            self._lane, entry.event.lane, lane, delivery, ack_send.clone()
-                        )
-                    lane.append(entry)
+                    lanes.put_nowait(entry.event.lane, entry)
 
     async def _acker(
-        self, delivery: Delivery, recv: trio.MemoryReceiveChannel[tuple[Entry, str]]
+        self, delivery: Delivery[E], recv: trio.MemoryReceiveChannel[tuple[E, str]]
     ) -> None:
         async with recv:
             async for first in recv:
@@ -149,44 +144,37 @@ class BackendSink:
                     done = [e for e, o in batch if o == outcome]
                     if done:
                         await delivery.ack(done, outcome)
-                self._inflight -= len(batch)
-                self._room.set()
+                self._acking -= len(batch)
 
-    async def _lane(
+    async def _lane_item(
         self,
-        name: str,
-        queue: deque[Entry],
-        delivery: Delivery,
-        ack_send: trio.MemorySendChannel[tuple[Entry, str]],
+        delivery: Delivery[E],
+        ack_send: trio.MemorySendChannel[tuple[E, str]],
+        lane: str,
+        entry: E,
     ) -> None:
-        async with ack_send:
-            while queue:
-                entry = queue[0]
-                try:
-                    outcome = await self._deliver(entry)
-                except PermanentDelivery as exc:
-                    log.error(
-                        "backend rejected event %s (empresa=%s tipo=%s): %s %s; dead-lettered",
-                        entry.event.id, entry.event.empresa or "-", entry.event.tipo, exc,
-                        escape(exc.body),
-                    )  # fmt: skip
-                    if self._on_result is not None:
-                        self._on_result(entry.event.id, exc.status or 0, False)
-                    await delivery.dead_letter(entry, exc.reason, f"{exc}: {exc.body}")
-                    if exc.reason == "unknown_empresa" and self._on_unknown is not None:
-                        await self._on_unknown(entry.event)
-                    self._inflight -= 1
-                    self._room.set()
-                    queue.popleft()
-                    continue
-                queue.popleft()
-                try:
-                    ack_send.send_nowait((entry, outcome))
-                except trio.WouldBlock:
-                    await ack_send.send((entry, outcome))
-            del self._lanes[name]
+        """One entry of an empresa's lane: delivered (then acked in a batch), or dead-lettered."""
+        try:
+            outcome = await self._deliver(entry)
+        except PermanentDelivery as exc:
+            log.error(
+                "backend rejected event %s (empresa=%s tipo=%s): %s %s; dead-lettered",
+                entry.event.id, entry.event.empresa or "-", entry.event.tipo, exc,
+                escape(exc.body),
+            )  # fmt: skip
+            if self._on_result is not None:
+                self._on_result(entry.event.id, exc.status or 0, False)
+            await delivery.dead_letter(entry, exc.reason, f"{exc}: {exc.body}")
+            if exc.reason == "unknown_empresa" and self._on_unknown is not None:
+                await self._on_unknown(entry.event)
+            return
+        self._acking += 1
+        try:
+            ack_send.send_nowait((entry, outcome))
+        except trio.WouldBlock:
+            await ack_send.send((entry, outcome))
 
-    async def _deliver(self, entry: Entry) -> str:
+    async def _deliver(self, entry: EntryLike) -> str:
         event = entry.event
         if event.tipo == "heartbeat":
             return "skipped"

@@ -31,8 +31,8 @@ Flow::
   was sent to, or permanently refused by, every recipient (dead-lettered when
   every recipient refused it). At most ``max_in_flight`` entries are held; the
   reader stops reading while that many are in flight.
-* One worker task per number with something pending, so a slow or failing number
-  only delays itself.
+* One worker per number with something pending (a lane of :mod:`..lanes`), so a
+  slow or failing number only delays itself.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from .. import backoff, texts
 from ..config import Empresa, Settings
 from ..errors import PermanentDelivery, RedisError, TransientDelivery
 from ..ids import mask_phone
+from ..lanes import Lanes
 from ..messages import Event
 from ..metrics import Metrics
 from ..whatsapp_api import Sender, WhatsAppRejected, WhatsAppThrottled
@@ -144,8 +145,7 @@ class _Number:
         self.first_status: float | None = None
         self.last_at = -math.inf
         self.retries: Iterator[float] | None = None
-        self.changed = trio.Event()
-        self.working = False
+        self.changed = trio.Event()  # set when something arrives while its worker runs
 
     def ready_at(self) -> float:
         """When the gather of what is pending ends (not counting the slot)."""
@@ -256,7 +256,9 @@ class WhatsAppSink:
         self._seq = 0
         self._in_flight = 0
         self._room = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        # one worker per number with something to do; the numbers come from the
+        # configuration (contactos, central), so their count needs no bound of its own
+        self._lanes: Lanes[str, _Number] | None = None
         self._acks: trio.MemorySendChannel[_AckJob] | None = None
         self._running = trio.Event()
 
@@ -267,7 +269,7 @@ class WhatsAppSink:
 
     def _stopped(self) -> None:
         """run() ended: forget what was in flight (still pending in the outbox)."""
-        self._nursery = self._acks = None
+        self._lanes = self._acks = None
         self._running = trio.Event()
         for n in self._numbers.values():
             held = [w.held for *_, w in n.window_ends if w.held is not None]
@@ -280,7 +282,6 @@ class WhatsAppSink:
             n.sending = []
             n.windows.clear()
             n.window_ends.clear()
-            n.working = False
         self._in_flight = 0
 
     # -- public -------------------------------------------------------------
@@ -299,7 +300,9 @@ class WhatsAppSink:
         send_acks, receive_acks = trio.open_memory_channel[_AckJob](self._max_in_flight)
         try:
             async with send_acks, receive_acks, trio.open_nursery() as nursery:
-                self._nursery, self._acks = nursery, send_acks
+                lanes: Lanes[str, _Number] = Lanes(self._number_worker, max_pending=None)
+                await nursery.start(lanes.run)
+                self._lanes, self._acks = lanes, send_acks
                 nursery.start_soon(self._acker, delivery, receive_acks)
                 self._running.set()
                 task_status.started()
@@ -454,33 +457,30 @@ class WhatsAppSink:
         return n
 
     def _wake(self, n: _Number) -> None:
-        if n.working:
+        assert self._lanes is not None
+        if self._lanes.busy(n.number):
             n.changed.set()
-            return
-        assert self._nursery is not None
-        n.working = True
-        self._nursery.start_soon(self._number_worker, n)
+        else:
+            self._lanes.put_nowait(n.number, n)
 
     # -- sending ------------------------------------------------------------
 
-    async def _number_worker(self, n: _Number) -> None:
-        try:
-            while True:
-                now = self._clock()
-                self._release_windows(n, now)
-                target = max(n.ready_at(), n.next_slot) if n.pending else math.inf
-                target = min(target, n.next_window_end())
-                if target == math.inf:
-                    return
-                if target > now:
-                    n.changed = trio.Event()
-                    with trio.move_on_after(target - now):
-                        await n.changed.wait()
-                    continue
-                if n.pending:
-                    await self._send(n)
-        finally:
-            n.working = False
+    async def _number_worker(self, number: str, n: _Number) -> None:
+        """The number's lane: send what is pending at each slot; return when nothing is."""
+        while True:
+            now = self._clock()
+            self._release_windows(n, now)
+            target = max(n.ready_at(), n.next_slot) if n.pending else math.inf
+            target = min(target, n.next_window_end())
+            if target == math.inf:
+                return
+            if target > now:
+                n.changed = trio.Event()
+                with trio.move_on_after(target - now):
+                    await n.changed.wait()
+                continue
+            if n.pending:
+                await self._send(n)
 
     def _release_windows(self, n: _Number, now: float) -> None:
         """Repeat windows that ended: their held repeats become a pending summary."""

@@ -1,0 +1,162 @@
+"""Per-key lanes: the items of one key are handled one at a time, in order; keys in parallel.
+
+The one mechanism behind the backend sink (a lane per empresa), the inbox (a lane per
+sender) and the WhatsApp sink (a worker per number). A lane is a deque drained by one
+worker task, started when the key gets its first item and ended when the deque is
+empty: a burst over a few keys costs a task per key, never a task per item, and an
+idle key costs nothing. (Keeping an idle worker parked for the next item was measured
+in ``bench/lanes.py``: a timed wait costs more than a new task.)
+
+Bounded: at most ``max_pending`` items are held over all lanes (queued or being
+handled). :meth:`Lanes.room` waits until something fits and says how much, so a
+producer reads only what fits and the back-pressure reaches the stream it reads from;
+:meth:`Lanes.put_nowait` past the bound raises :class:`trio.WouldBlock`, and
+:meth:`Lanes.put` waits. ``max_pending=None`` is for owners whose keys and items are
+bounded elsewhere (the WhatsApp sink: numbers come from the configuration).
+
+An item whose handler raises goes to ``on_error`` and its lane goes on with the next
+item. Without ``on_error`` the exception ends :meth:`Lanes.run`, every lane with it:
+for owners whose supervisor restarts them from a clean state (the backend sink, which
+then reads the unacknowledged entries again).
+
+State belongs to one run: :meth:`Lanes.run` starts empty and forgets everything when
+it ends (cancelled or crashed), so a restarted owner never feeds a lane nobody drains.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStatistics:
+    keys: int  # lanes with an item queued or being handled
+    pending: int  # items queued or being handled, over all lanes
+    max_pending: int  # the bound; 0 when unbounded
+    handled: int  # items finished since the run started (failed ones included)
+    failed: int  # items whose handler raised (given to on_error)
+    workers_started: int  # worker tasks started since the run started
+
+
+class Lanes(Generic[K, T]):
+    """Run ``handle(key, item)`` for every item put, in order per key; see the module docstring."""
+
+    def __init__(
+        self,
+        handle: Callable[[K, T], Awaitable[object]],
+        *,
+        max_pending: int | None,
+        on_error: Callable[[K, T, Exception], object] | None = None,
+    ) -> None:
+        if max_pending is not None and max_pending < 1:
+            raise ValueError("max_pending must be at least 1 (or None: unbounded)")
+        self._handle = handle
+        self._max = max_pending or 0
+        self._on_error = on_error
+        self._nursery: trio.Nursery | None = None
+        self._lanes: dict[K, deque[T]] = {}
+        self._pending = 0
+        self._room = trio.Event()
+        self._handled = self._failed = self._started = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the lane workers until cancelled; an unhandled item error ends it."""
+        if self._nursery is not None:
+            raise RuntimeError("these lanes are already running")
+        self._reset()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._reset()
+
+    def _reset(self) -> None:
+        self._lanes = {}
+        self._pending = 0
+        self._handled = self._failed = self._started = 0
+        self._room.set()  # a producer waiting for room in the old run must not hang
+
+    # -- producing ----------------------------------------------------------------------
+
+    def put_nowait(self, key: K, item: T) -> None:
+        """Queue ``item`` behind the others of ``key``; WouldBlock when the lanes are full."""
+        if self._max and self._pending >= self._max:
+            raise trio.WouldBlock
+        queue = self._lanes.get(key)
+        if queue is None:
+            if self._nursery is None:
+                raise RuntimeError("the lanes are not running")
+            queue = self._lanes[key] = deque()
+            self._started += 1
+            self._nursery.start_soon(self._worker, key, queue)
+        queue.append(item)
+        self._pending += 1
+
+    async def put(self, key: K, item: T) -> None:
+        """:meth:`put_nowait`, waiting for room first."""
+        await self.room()
+        self.put_nowait(key, item)
+
+    async def room(self) -> int:
+        """Wait until at least one item fits; return how many fit now."""
+        while self._max and self._pending >= self._max:
+            self._room = trio.Event()
+            await self._room.wait()
+        return self._max - self._pending if self._max else sys.maxsize
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def busy(self, key: K) -> bool:
+        """Whether ``key`` has an item queued or being handled."""
+        return bool(self._lanes.get(key))
+
+    def statistics(self) -> LaneStatistics:
+        return LaneStatistics(
+            keys=len(self._lanes),
+            pending=self._pending,
+            max_pending=self._max,
+            handled=self._handled,
+            failed=self._failed,
+            workers_started=self._started,
+        )
+
+    # -- the worker ---------------------------------------------------------------------
+
+    async def _worker(self, key: K, queue: deque[T]) -> None:
+        handle = self._handle
+        try:
+            while queue:
+                item = queue[0]  # stays queued while handled: counted as pending
+                try:
+                    await handle(key, item)
+                except Exception as exc:
+                    if self._on_error is None:
+                        raise
+                    self._failed += 1
+                    self._on_error(key, item, exc)
+                queue.popleft()
+                self._handled += 1
+                self._pending -= 1
+                if self._max and self._pending < self._max:
+                    self._room.set()
+        finally:
+            # no checkpoint between the last look at the deque and this: a put that came
+            # meanwhile found this lane, and its item was handled above
+            if self._lanes.get(key) is queue:
+                del self._lanes[key]

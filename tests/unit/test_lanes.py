@@ -1,0 +1,181 @@
+"""Lanes: order per key, keys in parallel, bounded, failures isolated, clean per run."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from botonera_bridge.lanes import Lanes
+
+CEILING = 60.0  # virtual seconds: a hang fails fast
+
+
+class Recorder:
+    """A handler that takes ``cost[key]`` virtual seconds per item and records when it ended."""
+
+    def __init__(self, cost: dict[str, float] | None = None) -> None:
+        self.cost = cost or {}
+        self.done: list[tuple[str, int, float]] = []
+        self.running: dict[str, int] = {}
+        self.max_parallel_per_key = 0
+
+    async def __call__(self, key: str, item: int) -> None:
+        self.running[key] = self.running.get(key, 0) + 1
+        self.max_parallel_per_key = max(self.max_parallel_per_key, self.running[key])
+        await trio.sleep(self.cost.get(key, 1.0))
+        self.running[key] -= 1
+        self.done.append((key, item, trio.current_time()))
+
+
+async def test_order_per_key_and_keys_in_parallel(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder({"a": 1.0, "b": 2.0})
+    lanes: Lanes[str, int] = Lanes(rec, max_pending=100)
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
+            t0 = trio.current_time()
+            for i in range(3):
+                lanes.put_nowait("a", i)
+                lanes.put_nowait("b", i)
+            assert lanes.pending == 6
+            assert lanes.busy("a") and lanes.busy("b") and not lanes.busy("c")
+            while lanes.pending:  # noqa: ASYNC110 - observed from outside
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    assert [i for k, i, _ in rec.done if k == "a"] == [0, 1, 2]
+    assert [i for k, i, _ in rec.done if k == "b"] == [0, 1, 2]
+    # one at a time per key, both keys at once: exact virtual times
+    assert [t - t0 for k, _, t in rec.done if k == "a"] == [1.0, 2.0, 3.0]
+    assert [t - t0 for k, _, t in rec.done if k == "b"] == [2.0, 4.0, 6.0]
+    assert rec.max_parallel_per_key == 1
+
+
+async def test_one_worker_per_burst_not_per_item(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    lanes: Lanes[str, int] = Lanes(rec, max_pending=100)
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
+            for i in range(10):
+                lanes.put_nowait("a", i)
+            await trio.sleep(5.5)
+            lanes.put_nowait("a", 10)  # still busy: the same worker takes it
+            await trio.sleep(20)
+            stats = lanes.statistics()
+            assert (stats.workers_started, stats.handled, stats.keys) == (1, 11, 0)
+            lanes.put_nowait("a", 11)  # idle since: a new worker
+            await trio.sleep(2)
+            assert lanes.statistics().workers_started == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_bound_blocks_the_producer_until_room(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder({"a": 1.0, "b": 1.5})
+    lanes: Lanes[str, int] = Lanes(rec, max_pending=3)
+    put_at: list[float] = []
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
+            t0 = trio.current_time()
+            assert await lanes.room() == 3
+            lanes.put_nowait("a", 0)
+            lanes.put_nowait("a", 1)
+            lanes.put_nowait("b", 0)
+            with pytest.raises(trio.WouldBlock):
+                lanes.put_nowait("c", 0)
+            for i in (2, 3):
+                await lanes.put("a", i)
+                put_at.append(trio.current_time() - t0)
+                assert lanes.pending <= 3
+            while lanes.pending:  # noqa: ASYNC110 - observed from outside
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    assert put_at == [1.0, 1.5]  # each waited for one item (a0, then b0) to finish
+    assert [i for k, i, _ in rec.done if k == "a"] == [0, 1, 2, 3]
+
+
+async def test_a_failing_item_does_not_kill_its_lane(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    done: list[int] = []
+    errors: list[tuple[str, int, str]] = []
+
+    async def handle(key: str, item: int) -> None:
+        await trio.sleep(1)
+        if item == 1:
+            raise ValueError("bad item")
+        done.append(item)
+
+    lanes: Lanes[str, int] = Lanes(
+        handle, max_pending=10, on_error=lambda k, i, e: errors.append((k, i, str(e)))
+    )
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
+            for i in range(3):
+                lanes.put_nowait("a", i)
+            await trio.sleep(10)
+            assert lanes.pending == 0
+            assert lanes.statistics().failed == 1
+            nursery.cancel_scope.cancel()
+    assert done == [0, 2]
+    assert errors == [("a", 1, "bad item")]
+
+
+async def test_without_on_error_a_failure_ends_the_run_and_leaves_no_state(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    started = 0
+
+    async def handle(key: str, item: int) -> None:
+        nonlocal started
+        started += 1
+        await trio.sleep(1 if key == "a" else 1.5)
+        if item == 1:
+            raise RuntimeError("a bug")
+
+    lanes: Lanes[str, int] = Lanes(handle, max_pending=10)
+    with trio.fail_after(CEILING):
+        with pytest.RaisesGroup(
+            pytest.RaisesExc(RuntimeError, match="a bug"), flatten_subgroups=True
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lanes.run)
+                for i in range(3):
+                    lanes.put_nowait("a", i)
+                    lanes.put_nowait("b", i + 10)  # cancelled with the run
+        assert lanes.pending == 0
+        assert lanes.statistics().keys == 0
+        with pytest.raises(RuntimeError, match="not running"):
+            lanes.put_nowait("a", 5)
+        # restarted: a clean run, the key's lane works again
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
+            lanes.put_nowait("a", 7)
+            await trio.sleep(2)
+            stats = lanes.statistics()
+            assert (stats.pending, stats.handled, stats.keys) == (0, 1, 0)
+            nursery.cancel_scope.cancel()
+    assert started == 2 + 2 + 1  # a0, a1, b10, b11 (cancelled) before the crash; then a7
+
+
+async def test_cancelling_the_run_forgets_everything(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder({"a": 100.0})
+    lanes: Lanes[str, int] = Lanes(rec, max_pending=2)
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
+            lanes.put_nowait("a", 0)
+            lanes.put_nowait("a", 1)
+            nursery.start_soon(lanes.put, "a", 2)  # waits for room
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    assert lanes.statistics().pending == 0
+    assert not lanes.busy("a")
+    assert rec.done == []
+    assert await lanes.room() == 2
