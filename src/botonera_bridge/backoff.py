@@ -46,12 +46,22 @@ def ceilings(first: float, cap: float, *, factor: float = 2.0) -> Iterator[float
 
 
 def delays(
-    first: float, cap: float, *, factor: float = 2.0, rng: Uniform = random
+    first: float,
+    cap: float,
+    *,
+    factor: float = 2.0,
+    floor: float = 0.0,
+    flat: int = 0,
+    rng: Uniform = random,
 ) -> Iterator[float]:
-    """Yield delays in seconds, forever: ``uniform(0, min(cap, first * factor**n))``.
+    """Yield delays in seconds, forever: ``uniform(floor, min(cap, first * factor**n))``.
 
     ``first`` is the ceiling of the first delay, ``cap`` the largest ceiling.
-    Pass a seeded ``random.Random`` as ``rng`` for reproducible tests.
+    ``floor`` is the shortest delay (an operator's configured retry interval), and the
+    first ``flat`` delays are exactly ``floor``: a blip is retried at that pace before
+    the schedule grows. Pass a seeded ``random.Random`` as ``rng`` for reproducible tests.
     """
+    for _ in range(flat):
+        yield floor
     for ceiling in ceilings(first, cap, factor=factor):
-        yield rng.uniform(0.0, ceiling)
+        yield rng.uniform(floor, max(floor, ceiling))

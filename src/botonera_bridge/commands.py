@@ -24,7 +24,6 @@ Replies are Spanish; logs are English and never show a full phone number.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import re
 import time
@@ -38,7 +37,7 @@ import trio
 from .alarms import AlarmBook, OpenAlarm, colour_of
 from .config import Settings
 from .errors import BridgeError, DeliveryError
-from .ids import fold, mask_phone, stable_id
+from .ids import fold, mask_phone, message_ref, stable_id
 from .messages import Event, now_rfc3339, synthetic
 from .metrics import Metrics
 from .receipts import Timelines
@@ -67,7 +66,6 @@ ACK_WORDS: Final = frozenset({"ack", "recibido", "recibida", "atendido", "atendi
 SEMAFORO_WORDS: Final = frozenset({"semaforo", "semaforos"})
 
 _TOKEN: Final = re.compile(r"[a-z0-9_-]+")
-_DIGITS: Final = re.compile(r"\d{7,}")
 _REF: Final = re.compile(r"^(?=.*[0-9])[0-9a-f-]{4,36}$")  # an event id or its prefix
 
 AYUDA: Final = (
@@ -147,14 +145,6 @@ async def handle(ctx: CommandContext, msg: Inbound, *, metrics: Metrics | None =
         kind = "unknown"
         await _reply(ctx, msg.sender, HINT)
     log.info("WhatsApp command %s from %s (message %s)", kind, who, message_ref(msg.id))
-
-
-def message_ref(message_id: str) -> str:
-    """A message id fit for logs: WAHA ids embed the sender's number ('false_57300…@c.us_X'),
-    Cloud API ids ('wamid.HBgM…') embed it base64-encoded, so those become a short digest."""
-    if message_id.startswith("wamid."):
-        return "wamid#" + hashlib.sha256(message_id.encode()).hexdigest()[:12]
-    return _DIGITS.sub(lambda m: mask_phone(m.group()), message_id)
 
 
 async def _reply(ctx: CommandContext, to: str, text: str) -> None:

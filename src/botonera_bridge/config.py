@@ -18,6 +18,7 @@ from typing import Any, Final
 import msgspec
 
 from .errors import ConfigError
+from .ids import is_e164
 
 DEFAULT_FILE: Final = "botonera-bridge.toml"
 BUILTIN_EMPRESAS: Final = (
@@ -26,7 +27,6 @@ BUILTIN_EMPRESAS: Final = (
     ("funza", "Funza"),
     ("madrid", "Madrid"),
 )
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -483,7 +483,7 @@ def _check_redis(r: RedisSettings, source: str) -> None:
 
 
 def _check_phone(number: str, source: str, key: str) -> None:
-    if not _E164.match(number):
+    if not is_e164(number):
         raise ConfigError(f"{number!r} is not an E.164 number (+57...)", source=source, key=key)
 
 

@@ -1,4 +1,5 @@
-"""Identifiers: validation of empresa/sede/dispositivo, event ids, phone masking."""
+"""Identifiers: validation of empresa/sede/dispositivo, event ids, phone numbers
+(E.164 validation, and the one masking helper every log line goes through)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import uuid
 from typing import Final
 
 _ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_DIGIT_RUN: Final = re.compile(r"\d{7,}")  # a phone number inside a longer text
 
 
 class IdentifierError(ValueError):
@@ -50,6 +53,26 @@ def stable_id(*parts: str) -> str:
     digest[6] = (digest[6] & 0x0F) | 0x80  # version 8: custom
     digest[8] = (digest[8] & 0x3F) | 0x80
     return str(uuid.UUID(bytes=bytes(digest)))
+
+
+def is_e164(number: str) -> bool:
+    """'+573001112233': a plus, then 7 to 15 digits, the first not 0."""
+    return _E164.match(number) is not None
+
+
+def as_e164(number: str) -> str | None:
+    """'573001112233' or '+573001112233' -> '+573001112233'; None when not a number."""
+    number = number if number.startswith("+") else f"+{number}"
+    return number if is_e164(number) else None
+
+
+def message_ref(message_id: str) -> str:
+    """A WhatsApp message id fit for logs: WAHA ids embed the sender's number
+    ('false_57300…@c.us_X'), Cloud API ids ('wamid.HBgM…') embed it base64-encoded,
+    so those become a short digest."""
+    if message_id.startswith("wamid."):
+        return "wamid#" + hashlib.sha256(message_id.encode()).hexdigest()[:12]
+    return _DIGIT_RUN.sub(lambda m: mask_phone(m.group()), message_id)
 
 
 def mask_phone(number: str) -> str:

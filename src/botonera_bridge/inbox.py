@@ -22,8 +22,7 @@ from typing import Final
 import msgspec
 import trio
 
-from .commands import message_ref
-from .ids import mask_phone
+from .ids import mask_phone, message_ref
 from .lanes import Lanes
 from .metrics import Metrics
 from .outbox import DeadLetters

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -30,6 +29,7 @@ import msgspec
 import trio
 
 from .errors import InvalidMessage
+from .ids import as_e164
 from .metrics import Metrics
 from .receipts import Receipt
 from .ws_receiver import MAX_TIMESTAMP, Inbound
@@ -41,7 +41,6 @@ MAX_BODY: Final = 1 << 20  # bytes; Meta's bodies are a few KiB
 QUEUE: Final = 1000  # messages and statuses waiting to be handled
 MAX_ITEMS: Final = 1000  # messages + statuses taken from one body
 SOURCE: Final = "webhook"
-_E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _STATUSES: Final = frozenset({"sent", "delivered", "read", "failed"})
 _decoder: Final = msgspec.json.Decoder(dict[str, Any])
 
@@ -117,9 +116,8 @@ def _text(value: Any, name: str, limit: int = 256) -> str:
 
 
 def _number(value: Any, name: str) -> str:
-    digits = _text(value, name, 32)
-    number = digits if digits.startswith("+") else f"+{digits}"
-    if not _E164.match(number):
+    number = as_e164(_text(value, name, 32))
+    if number is None:
         raise InvalidMessage("invalid_sender", f"'{name}' is not a phone number")
     return number
 

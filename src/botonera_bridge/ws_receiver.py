@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -33,9 +32,10 @@ import msgspec
 import trio
 import trio_websocket
 
+from .backoff import Uniform, delays
 from .errors import ConfigError, InvalidMessage
 from .health import Health
-from .ids import mask_phone
+from .ids import as_e164, mask_phone
 from .metrics import Metrics
 from .receipts import Receipt
 
@@ -56,7 +56,6 @@ MAX_TIMESTAMP: Final = 2**63  # numeric fields from outside must fit a signed 64
 _ACK_STATUS: Final = {"SERVER": "sent", "DEVICE": "delivered", "READ": "read", "ERROR": "failed"}
 _ACK_NUMBER: Final = {1: "sent", 2: "delivered", 3: "read", 4: "read", -1: "failed"}
 
-_E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _PERSONAL_SUFFIXES: Final = ("@c.us", "@s.whatsapp.net")
 _NOT_A_PERSON: Final = ("@g.us", "@broadcast", "@newsletter")
 _frame_decoder: Final = msgspec.json.Decoder(dict[str, Any])
@@ -193,8 +192,8 @@ def _sender(value: Any) -> str | None:
         if raw.endswith(suffix):
             raw = raw[: -len(suffix)].split(":", 1)[0]  # "57300…:12@s.whatsapp.net" (device)
             break
-    number = raw if raw.startswith("+") else f"+{raw}"
-    if not _E164.match(number):
+    number = as_e164(raw)
+    if number is None:
         raise InvalidMessage("invalid_sender", f"'from' is not a phone number ({mask_phone(raw)})")
     return number
 
@@ -224,37 +223,14 @@ def _timestamp(value: Any) -> int:
 # ---------------------------------------------------------------- reconnect policy
 
 
-class Backoff:
-    """Reconnect delays: ``base`` for the first :data:`FLAT_RETRIES` failures, then
-    exponential with full jitter above ``base``, capped at ``cap``.
-
-    ``failure()`` returns the next delay; ``reset()`` after a healthy connection.
-    """
-
-    def __init__(
-        self,
-        base: float,
-        *,
-        cap: float = MAX_DELAY,
-        flat: int = FLAT_RETRIES,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.base = max(0.0, base)
-        self.cap = max(cap, self.base)
-        self.flat = flat
-        self.failures = 0
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    def failure(self) -> float:
-        self.failures += 1
-        if self.failures <= self.flat:
-            return self.base
-        exponent = min(self.failures - self.flat, 32)
-        ceiling = min(self.cap, max(self.base, 0.1) * 2.0**exponent)
-        return self._rng.uniform(self.base, ceiling)
+def reconnect_delays(
+    base: float, *, cap: float = MAX_DELAY, flat: int = FLAT_RETRIES, rng: Uniform = random
+) -> Iterator[float]:
+    """Reconnect delays (the one schedule, :func:`..backoff.delays`): ``base`` (the
+    configured ``reconnect_delay``) for the first ``flat`` failures, then growing with
+    full jitter above ``base`` up to ``cap``. A fresh iterator starts over."""
+    base = max(0.0, base)
+    return delays(2 * max(base, 0.1), max(cap, base), floor=base, flat=flat, rng=rng)
 
 
 # ---------------------------------------------------------------- the receiver
@@ -302,7 +278,8 @@ async def receive(
     """
     _check_url(url)
     where = safe_url(url)
-    backoff = Backoff(reconnect_delay)
+    retries = reconnect_delays(reconnect_delay)
+    failures = 0
     if health is not None:
         health.set(COMPONENT, False, "connecting to gateway")
     task_status.started()
@@ -322,18 +299,19 @@ async def receive(
             and trio.current_time() - session.connected_at >= STABLE_AFTER
         )
         if healthy:
-            backoff.reset()
-        delay = backoff.failure()
+            retries, failures = reconnect_delays(reconnect_delay), 0
+        failures += 1
+        delay = next(retries)
         if health is not None:
             health.set(COMPONENT, False, reason)
         if session.connected_at is not None:
             log.warning("gateway %s disconnected (%s); reconnecting in %.1fs", where, reason, delay)
-        elif backoff.failures == 1 or backoff.failures % WARN_EVERY == 0:
+        elif failures == 1 or failures % WARN_EVERY == 0:
             log.warning(
                 "cannot connect to gateway %s (%s), attempt %d; retrying in %.1fs",
                 where,
                 reason,
-                backoff.failures,
+                failures,
                 delay,
             )
         else:

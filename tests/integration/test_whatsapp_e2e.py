@@ -13,8 +13,7 @@ from tests.servers.whatsapp_api import FakeWhatsApp
 from tests.support.bridge import BridgeProc, wait_until
 from tests.support.gateway import GatewayProc, waha
 
-from botonera_bridge.commands import message_ref
-from botonera_bridge.ids import mask_phone
+from botonera_bridge.ids import mask_phone, message_ref
 
 ANA = "+573001112233"
 BETO = "+573004445566"

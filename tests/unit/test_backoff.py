@@ -29,6 +29,14 @@ def test_full_jitter_stays_within_zero_and_the_ceiling() -> None:
     assert 12.0 < sum(late) / len(late) < 18.0  # mean of uniform(0, 30)
 
 
+def test_floor_and_flat_retries_come_first() -> None:
+    got = list(itertools.islice(delays(6.0, 60.0, floor=3.0, flat=2, rng=random.Random(3)), 500))
+    assert got[:2] == [3.0, 3.0]
+    bounds = list(itertools.islice(ceilings(6.0, 60.0), 498))
+    assert all(3.0 <= d <= c for d, c in zip(got[2:], bounds, strict=True))
+    assert max(got) > 50.0
+
+
 def test_seeded_rng_is_reproducible() -> None:
     a = list(itertools.islice(delays(1.0, 8.0, rng=random.Random(1)), 10))
     b = list(itertools.islice(delays(1.0, 8.0, rng=random.Random(1)), 10))

@@ -18,6 +18,7 @@ from botonera_bridge.alarms import AlarmBook
 from botonera_bridge.commands import CommandContext, escalate, escalation_loop, handle
 from botonera_bridge.config import from_mapping
 from botonera_bridge.errors import MqttError, TransientDelivery
+from botonera_bridge.ids import message_ref
 from botonera_bridge.messages import Event, decode
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.state import HashStore
@@ -368,7 +369,7 @@ async def test_semaforo_publishes_to_the_empresa(body: str) -> None:
         "empresa": "cota",
         "origen": "whatsapp",
         "por": "+57******5566",  # masked: the full number never leaves the bridge to panels
-        "ref": commands.message_ref(msg.id),
+        "ref": message_ref(msg.id),
     }
     assert B[1:] not in payload.decode()
     assert fake.to(B) == ["🚦 Semáforo 🔴 ROJO (emergencia) enviado a Cota."]

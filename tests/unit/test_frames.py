@@ -8,7 +8,7 @@ import random
 import pytest
 
 from botonera_bridge.errors import InvalidMessage
-from botonera_bridge.ws_receiver import Backoff, Inbound, parse_frame, safe_url
+from botonera_bridge.ws_receiver import Inbound, parse_frame, reconnect_delays, safe_url
 
 # /work/shared/samples/waha-events.jsonl, verbatim, one line each
 SAMPLES = [
@@ -131,20 +131,20 @@ def test_invalid_sender_detail_hides_the_number() -> None:
 
 
 def test_backoff_flat_then_capped_exponential_with_jitter() -> None:
-    b = Backoff(3.0, rng=random.Random(7))
-    assert [b.failure() for _ in range(3)] == [3.0, 3.0, 3.0]
-    later = [b.failure() for _ in range(30)]
+    b = reconnect_delays(3.0, rng=random.Random(7))
+    assert [next(b) for _ in range(3)] == [3.0, 3.0, 3.0]
+    later = [next(b) for _ in range(30)]
     assert all(3.0 <= d <= 60.0 for d in later)
     assert max(later) > 30.0  # it does grow
     assert len(set(later)) > 20  # and it is jittered
-    b.reset()
-    assert b.failure() == 3.0
+    b = reconnect_delays(3.0, rng=random.Random(7))  # after a healthy connection
+    assert next(b) == 3.0
 
 
 def test_backoff_small_base_still_grows_to_the_cap() -> None:
-    b = Backoff(0.0, cap=5.0, flat=1, rng=random.Random(1))
-    assert b.failure() == 0.0
-    ceilings = [b.failure() for _ in range(40)]
+    b = reconnect_delays(0.0, cap=5.0, flat=1, rng=random.Random(1))
+    assert next(b) == 0.0
+    ceilings = [next(b) for _ in range(40)]
     assert all(0.0 <= d <= 5.0 for d in ceilings)
     assert max(ceilings) > 2.5
 

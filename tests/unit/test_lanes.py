@@ -39,7 +39,9 @@ async def test_order_per_key_and_keys_in_parallel(autojump_clock: trio.testing.M
                 lanes.put_nowait("a", i)
                 lanes.put_nowait("b", i)
             assert lanes.pending == 6
-            assert lanes.busy("a") and lanes.busy("b") and not lanes.busy("c")
+            assert lanes.busy("a")
+            assert lanes.busy("b")
+            assert not lanes.busy("c")
             while lanes.pending:  # noqa: ASYNC110 - observed from outside
                 await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
