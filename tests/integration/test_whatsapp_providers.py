@@ -164,8 +164,10 @@ async def test_cloud_template_when_configured(wa_server):
         delivery.put(alarm())
         with trio.fail_after(5):
             await delivery.wait_done(1)
+        await sink.post(["+573004445566"], "Comandos: AYUDA, ESTADO")
         with trio.fail_after(10):  # replies are plain text even with a template
-            await sink.send_now(["+573004445566"], "Comandos: AYUDA, ESTADO")
+            while len(wa_server.requests()) < 2:  # noqa: ASYNC110 - a server in a thread
+                await trio.sleep(0.05)
     template, reply = wa_server.requests()
     body = template.json
     assert body["type"] == "template"

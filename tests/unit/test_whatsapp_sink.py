@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from botonera_bridge.config import Settings, from_mapping
-from botonera_bridge.errors import PermanentDelivery, TransientDelivery
+from botonera_bridge.errors import TransientDelivery
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.sinks.whatsapp import GATHER_QUIET, WhatsAppSink
@@ -145,12 +145,26 @@ def alarm(
     return Event(**fields)
 
 
+class Told:
+    """The sink's DeliveryObserver (its public path to the timelines): who was told what."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str]]] = []  # (number, event ids) per message
+        self.failures: list[tuple[str, list[str], str]] = []
+
+    def sent(self, number: str, message_id: str | None, event_ids: Sequence[str]) -> None:
+        self.messages.append((number, list(event_ids)))
+
+    def failed(self, number: str, event_ids: Sequence[str], reason: str) -> None:
+        self.failures.append((number, list(event_ids), reason))
+
+
 class Harness(NamedTuple):
     sink: WhatsAppSink
     delivery: FakeDelivery
     sender: RecordingSender
     t0: float
-    notified: list[Event]
+    told: Told
     metrics: Metrics
 
 
@@ -158,15 +172,14 @@ class Harness(NamedTuple):
 async def running(s: Settings, **kw: Any) -> AsyncIterator[Harness]:
     sender = RecordingSender()
     delivery = FakeDelivery()
-    notified: list[Event] = []
+    told = Told()
     metrics = Metrics()
-    sink = WhatsAppSink(
-        s, sender, metrics=metrics, on_notified=notified.append, rng=random.Random(7), **kw
-    )
+    kw.setdefault("observer", told)
+    sink = WhatsAppSink(s, sender, metrics=metrics, rng=random.Random(7), **kw)
     with trio.fail_after(3600):
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run, delivery)
-            yield Harness(sink, delivery, sender, trio.current_time(), notified, metrics)
+            yield Harness(sink, delivery, sender, trio.current_time(), told, metrics)
             nursery.cancel_scope.cancel()
     delivery.close()
 
@@ -229,7 +242,7 @@ async def test_burst_of_identical_alarms_becomes_one_message(autojump_clock):
         assert "(×10 en 1 min)" in call.text
         assert call.text.startswith("🚨 ALARMA CRITICA — Cota (sede principal): Fallo en sistema")
         assert {a[1] for a in h.delivery.acked} == {"ok"}
-        assert len(h.notified) == 10  # every event the message carried
+        assert [len(ids) for _, ids in h.told.messages] == [10]  # every event the message carried
         await trio.sleep(120)  # the window ends with nothing to summarize
         assert len(h.sender.calls) == 1
 
@@ -254,7 +267,8 @@ async def test_merge_while_queued_then_summary_after_window(autojump_clock):
         acked_at = {a[0]: round(a[2] - h.t0, 6) for a in h.delivery.acked}
         assert all(acked_at[e.id] == 69.3 for e in late)
         assert sorted(acked_at.values()).count(6.3) == 3
-        assert len(h.notified) == 4  # "otra" and the three merged ones, not the summary
+        # "otra", the three merged ones, then the summary carrying the three late ones
+        assert [len(ids) for _, ids in h.told.messages] == [1, 3, 3]
 
 
 async def test_after_window_a_new_message_starts(autojump_clock):
@@ -276,7 +290,7 @@ async def test_prueba_never_coalesces(autojump_clock):
         assert call.text.startswith("[PRUEBA] 🚨 2 alertas — Cota\n")
         assert call.text.count("[PRUEBA] 🚨 ALARMA CRITICA — sede principal") == 2
         assert "×" not in call.text
-        assert h.notified == []
+        assert [len(ids) for _, ids in h.told.messages] == [2]  # both, in one message
 
 
 async def test_transient_then_success_respects_retry_after(autojump_clock):
@@ -377,20 +391,25 @@ async def test_recipients_central_skipped_and_silent_tipos(autojump_clock):
         assert "empresa «chia» (no configurada)" in digest.text
         assert "empresa sin identificar" in digest.text
         assert h.sender.to(A)[0].text.startswith("📴 PANEL SIN CONEXIÓN — Cota")
-        assert len(h.notified) == 2  # alarms only, not the offline event
+        # the two alarms to central in one message, the offline event to A
+        assert sorted((n, len(ids)) for n, ids in h.told.messages) == sorted([(CENTRAL, 2), (A, 1)])
 
 
-async def test_send_now_shares_spacing_and_raises_when_all_refuse(autojump_clock):
+async def test_post_shares_spacing_and_logs_when_refused(autojump_clock, caplog):
     async with running(settings()) as h:
         h.delivery.put(alarm())
         await trio.sleep(1)
-        await h.sink.send_now([A, B, A], "Alarma atendida por +57******4455")
+        await h.sink.post([A, B, A], "Alarma atendida por +57******4455")
+        await trio.sleep(10)
         assert rel(h, h.sender.to(B)) == [1.3]
         assert rel(h, h.sender.to(A)) == [0.3, 6.3]
         h.sender.always[C] = lambda: WhatsAppRejected("code 131047", code="131047")
-        with pytest.raises(PermanentDelivery):
-            await h.sink.send_now([C], "hola")
-        await h.sink.send_now([], "nadie")
+        await h.sink.post([C], "hola")
+        await h.sink.post([], "nadie")
+        await trio.sleep(10)
+        assert len(h.sender.to(C)) == 1  # refused for good: never retried
+        assert "WhatsApp to +57******8899 refused for good" in caplog.text
+        assert h.told.failures == []  # a direct text carries no outbox event
 
 
 async def test_template_params_are_passed(autojump_clock):
@@ -413,11 +432,11 @@ async def test_entries_in_flight_are_bounded(autojump_clock):
             h.delivery.put(alarm(desc=f"d{i}"))
         await trio.sleep(60)
         assert h.delivery.read_total == 3
-        assert h.sink.statistics().in_flight == 3
+        assert h.delivery.read_total - h.delivery.done() == 3  # in flight
         h.sender.always.clear()
         await until_done(h, 10)
         assert h.delivery.read_total == 10
-        assert h.sink.statistics().in_flight == 0
+        assert h.delivery.read_total - h.delivery.done() == 0
 
 
 # -- per-number digests (issue 10) -------------------------------------------
@@ -461,15 +480,14 @@ class PairRateSender(RecordingSender):
 @asynccontextmanager
 async def running_with(s: Settings, sender: RecordingSender, **kw: Any) -> AsyncIterator[Harness]:
     delivery = FakeDelivery()
-    notified: list[Event] = []
+    told = Told()
     metrics = Metrics()
-    sink = WhatsAppSink(
-        s, sender, metrics=metrics, on_notified=notified.append, rng=random.Random(7), **kw
-    )
+    kw.setdefault("observer", told)
+    sink = WhatsAppSink(s, sender, metrics=metrics, rng=random.Random(7), **kw)
     with trio.fail_after(3600):
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run, delivery)
-            yield Harness(sink, delivery, sender, trio.current_time(), notified, metrics)
+            yield Harness(sink, delivery, sender, trio.current_time(), told, metrics)
             nursery.cancel_scope.cancel()
     delivery.close()
 
@@ -502,7 +520,8 @@ async def test_incident_burst_two_messages_per_contact_under_the_pair_rate(autoj
             assert second.text.startswith("🚨 4 alertas — Cota\n")
             assert round(second.at - first.at, 6) == 6.0
         assert len(h.delivery.acked) == 10
-        assert len(h.notified) == 10
+        for number in (A, B):
+            assert sum(len(ids) for n, ids in h.told.messages if n == number) == 10
 
 
 async def test_digest_is_ordered_by_urgency_and_counts_repeats(autojump_clock):
@@ -645,35 +664,6 @@ async def test_observer_gets_every_event_of_a_digest(autojump_clock):
         assert sorted(n for n, _, _ in seen) == [A, B]
         assert all(sorted(got) == ids for _, _, got in seen)
         assert all(mid is not None and mid.startswith("wamid.") for _, mid, _ in seen)
-
-
-async def test_send_now_fails_transiently_when_the_sink_stops_mid_send(autojump_clock):
-    class Stuck(RecordingSender):
-        async def send_text(
-            self, to: str, text: str, *, template_params: tuple[str, str, str] | None = None
-        ) -> str | None:
-            await trio.sleep_forever()
-            return None
-
-    sink = WhatsAppSink(settings(), Stuck())
-    delivery = FakeDelivery()
-    outcome: list[str] = []
-
-    async def caller() -> None:
-        try:
-            await sink.send_now([A], "hola")
-        except TransientDelivery:
-            outcome.append("transient")
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as outer:
-            async with trio.open_nursery() as inner:
-                await inner.start(sink.run, delivery)
-                outer.start_soon(caller)
-                await trio.sleep(5)  # the text is being sent (and stuck)
-                inner.cancel_scope.cancel()
-    assert outcome == ["transient"]
-    delivery.close()
 
 
 README_FIRST = """\

@@ -44,7 +44,6 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 import trio
@@ -74,17 +73,8 @@ RETRY_MAX_DELAY: Final = 30.0  # seconds, backoff cap (Retry-After may ask for m
 MAX_IN_FLIGHT: Final = 512  # entries read but not yet acked
 MAX_RECENT: Final = 1024  # repeat windows remembered per number
 READ_BATCH: Final = 64  # entries per delivery.read
-NOTIFIED_TIPOS: Final = frozenset({"alarmas", "semaforos"})  # on_notified hook
 
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class SinkStatistics:
-    in_flight: int  # entries read, not yet acked
-    queued: int  # notices waiting for a slot, over all numbers
-    numbers: int  # numbers with something waiting
-    windows: int  # repeat windows holding repeats for a summary
 
 
 class _AckJob(NamedTuple):
@@ -97,27 +87,22 @@ class _AckJob(NamedTuple):
 class _Tracked:
     """One outbox entry on its way to every recipient."""
 
-    __slots__ = ("entry", "failures", "notified", "pending", "sent_to")
+    __slots__ = ("entry", "failures", "pending", "sent_to")
 
     def __init__(self, entry: EntryLike, recipients: tuple[str, ...]) -> None:
         self.entry = entry
         self.pending = set(recipients)
         self.sent_to: set[str] = set()
         self.failures: dict[str, PermanentDelivery] = {}
-        self.notified = False
 
 
 class _Direct:
-    """A text from :meth:`WhatsAppSink.send_now` / :meth:`WhatsAppSink.post`."""
+    """What a text from :meth:`WhatsAppSink.post` carries: nothing to acknowledge."""
 
-    __slots__ = ("aborted", "done", "failures", "pending", "sent_to")
+    __slots__ = ()
 
-    def __init__(self, recipients: tuple[str, ...]) -> None:
-        self.pending = set(recipients)
-        self.sent_to: set[str] = set()
-        self.failures: dict[str, PermanentDelivery] = {}
-        self.done = trio.Event()
-        self.aborted = False  # the sink stopped before it was sent
+
+_DIRECT: Final = _Direct()
 
 
 class _Window:
@@ -136,7 +121,6 @@ class _Number:
     def __init__(self, number: str) -> None:
         self.number = number
         self.pending: list[Notice] = []
-        self.sending: list[Notice] = []  # taken by the message being sent
         self.by_key: dict[RepeatKey, Notice] = {}
         self.windows: OrderedDict[RepeatKey, _Window] = OrderedDict()
         self.window_ends: list[tuple[float, int, RepeatKey, _Window]] = []  # held windows, heap
@@ -237,7 +221,6 @@ class WhatsAppSink:
         *,
         metrics: Metrics | None = None,
         clock: Clock = trio.current_time,
-        on_notified: Callable[[Event], None] | None = None,
         observer: DeliveryObserver | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
         rng: random.Random | None = None,
@@ -247,7 +230,6 @@ class WhatsAppSink:
         self._sender = sender
         self._metrics = metrics
         self._clock = clock
-        self._on_notified = on_notified
         self._observer = observer
         self._max_in_flight = max(1, max_in_flight)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
@@ -272,14 +254,7 @@ class WhatsAppSink:
         self._lanes = self._acks = None
         self._running = trio.Event()
         for n in self._numbers.values():
-            held = [w.held for *_, w in n.window_ends if w.held is not None]
-            for notice in (*n.sending, *n.pending, *held):
-                for item in notice.carried:
-                    if isinstance(item, _Direct):
-                        item.aborted = True
-                        item.done.set()
             n.take()
-            n.sending = []
             n.windows.clear()
             n.window_ends.clear()
         self._in_flight = 0
@@ -310,31 +285,6 @@ class WhatsAppSink:
         finally:
             self._stopped()
 
-    async def send_now(self, to: Sequence[str], text: str) -> None:
-        """Send ``text`` to each number in its next slot (with whatever else waits for it).
-
-        Waits for :meth:`run` to be running. Returns once every number got it or
-        refused it for good; raises PermanentDelivery when every number refused
-        it, TransientDelivery when the sink stopped first. Transient failures are
-        retried forever: bound the wait with ``move_on_after``; a cancelled
-        caller leaves the text queued (it is still sent).
-        """
-        recipients = _unique(to)
-        if not recipients:
-            return
-        await self._running.wait()
-        direct = self._add_direct(recipients, text)
-        await direct.done.wait()
-        if direct.aborted:
-            raise TransientDelivery("the WhatsApp sink stopped before sending", sink=SINK)
-        if direct.failures and not direct.sent_to:
-            first = next(iter(direct.failures.values()))
-            raise PermanentDelivery(
-                f"no recipient accepted the message: {_failure_detail(direct.failures)}",
-                sink=SINK,
-                status=first.status,
-            ) from first
-
     async def post(self, to: Sequence[str], text: str) -> None:
         """Queue ``text`` for each number and return at once (command replies,
         escalations): it goes out in the number's next slot, in one digest with
@@ -346,15 +296,6 @@ class WhatsAppSink:
             return
         await self._running.wait()
         self._add_direct(recipients, text)
-
-    def statistics(self) -> SinkStatistics:
-        busy = [n for n in self._numbers.values() if n.pending or n.window_ends]
-        return SinkStatistics(
-            in_flight=self._in_flight,
-            queued=sum(len(n.pending) for n in busy),
-            numbers=len(busy),
-            windows=sum(1 for n in busy for *_, w in n.window_ends if w.held is not None),
-        )
 
     def recipients(self, event: Event) -> tuple[str, ...]:
         """The empresa's contacts; ``central`` when the empresa is unknown or missing."""
@@ -434,17 +375,15 @@ class WhatsAppSink:
         self._wake(n)
         return True
 
-    def _add_direct(self, recipients: tuple[str, ...], text: str) -> _Direct:
-        direct = _Direct(recipients)
+    def _add_direct(self, recipients: tuple[str, ...], text: str) -> None:
         now = self._clock()
         for number in recipients:
             n = self._number(number)
             notice = Notice(0, self._next_seq(), text=text)
-            notice.add(direct, now, 0)
+            notice.add(_DIRECT, now, 0)
             n.pending.append(notice)
             n.arrived(notice.rank, now)
             self._wake(n)
-        return direct
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -521,7 +460,7 @@ class WhatsAppSink:
 
     async def _send(self, n: _Number) -> None:
         number = n.number
-        notices = n.sending = n.take()
+        notices = n.take()
         message = render(notices)
         try:
             await self._limiter.acquire()
@@ -530,7 +469,6 @@ class WhatsAppSink:
                 number, message.text, template_params=message.params
             )
         except TransientDelivery as exc:
-            n.sending = []
             n.put_back(notices)
             if isinstance(exc, WhatsAppThrottled):  # Meta's own pacing: honour it
                 delay = max(self._wa.min_interval, exc.retry_after or 0.0)
@@ -547,12 +485,10 @@ class WhatsAppSink:
             )
             return
         except PermanentDelivery as exc:
-            n.sending = []
             logger.error("WhatsApp to %s refused for good: %s", mask_phone(number), exc)
             n.retries = None
             await self._done(notices, number, None, exc)
             return
-        n.sending = []
         n.retries = None
         n.next_slot = started + self._wa.min_interval
         if self._metrics is not None:
@@ -576,15 +512,12 @@ class WhatsAppSink:
         for notice in notices:
             for item in notice.carried:
                 if isinstance(item, _Direct):
-                    self._settle_direct(item, number, failure)
                     continue
                 assert isinstance(item, _Tracked)
                 ids.append(item.entry.event.id)
                 item.pending.discard(number)
                 if failure is None:
                     item.sent_to.add(number)
-                    if not notice.summary:
-                        self._notified(item)
                 else:
                     item.failures[number] = failure
                 if not item.pending:
@@ -593,17 +526,6 @@ class WhatsAppSink:
             self._observe(number, sent_id, ids, failure)
         if finished:
             await self._finish(finished)
-
-    def _settle_direct(
-        self, direct: _Direct, number: str, failure: PermanentDelivery | None
-    ) -> None:
-        direct.pending.discard(number)
-        if failure is None:
-            direct.sent_to.add(number)
-        else:
-            direct.failures[number] = failure
-        if not direct.pending:
-            direct.done.set()
 
     def _observe(
         self, number: str, sent_id: str | None, ids: list[str], failure: PermanentDelivery | None
@@ -617,18 +539,6 @@ class WhatsAppSink:
                 self._observer.failed(number, ids, str(failure))
         except Exception:
             logger.exception("delivery observer failed for %s", mask_phone(number))
-
-    def _notified(self, item: _Tracked) -> None:
-        event = item.entry.event
-        if item.notified or self._on_notified is None:
-            return
-        item.notified = True
-        if event.prueba or event.tipo not in NOTIFIED_TIPOS:
-            return
-        try:
-            self._on_notified(event)
-        except Exception:
-            logger.exception("on_notified hook failed for event %s", event.id)
 
     async def _finish(self, finished: list[_Tracked]) -> None:
         assert self._acks is not None
