@@ -9,8 +9,8 @@ up to ``escalation_max`` times (:meth:`AlarmBook.due`).
 State lives in a :class:`~botonera_bridge.state.HashStore` (the ``alarms`` hash):
 field ``a:<event id>`` holds an alarm, ``s:<empresa>`` the empresa's semáforo,
 both as JSON. Call ``await store.load()`` before building the book (or
-:meth:`AlarmBook.reload` after), and :meth:`AlarmBook.flush` now and then; the
-escalation loop in :mod:`commands` does.
+:meth:`AlarmBook.reload` after); the book writes itself through to Redis in
+:meth:`AlarmBook.run` (a task of its own, started by ``app.run``).
 
 Times come from the injected ``clock`` (wall seconds, so they survive restarts;
 tests pass ``trio.current_time`` under ``autojump_clock``). Acknowledged alarms
@@ -28,10 +28,11 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
+import trio
 
 from .ids import fold, mask_phone
 from .messages import Event, now_rfc3339
@@ -45,6 +46,8 @@ ALARM_COLOURS: Final = frozenset({"ROJO", "AZUL"})  # semáforos that open an al
 MIN_REF: Final = 4  # shortest event-id prefix accepted by acknowledge()
 MAX_ALARMS: Final = 2000  # alarms on the whole board
 UNCONFIGURED: Final = "sin_configurar"  # the one bucket of every unconfigured empresa
+FLUSH_INTERVAL: Final = 1.0  # seconds between writes of a changed board
+FINAL_FLUSH_TIMEOUT: Final = 2.0  # seconds for the last write, on the way out
 
 _ALARM: Final = "a:"
 _SEMAFORO: Final = "s:"
@@ -138,6 +141,33 @@ class AlarmBook:
     async def flush(self) -> bool:
         """Write pending changes through to Redis; True when nothing is left."""
         return await self.store.flush()
+
+    async def run(
+        self,
+        *,
+        before_flush: Sequence[Callable[[], object]] = (),
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Write the board through to Redis every :data:`FLUSH_INTERVAL` while it
+        changed, and once more on the way out (shielded, at most
+        :data:`FINAL_FLUSH_TIMEOUT`). ``before_flush`` runs first each time: whatever
+        else keeps its state in the same hash (the timelines' ``sync``)."""
+        task_status.started()
+        try:
+            while True:
+                await self._write_through(before_flush)
+                await trio.sleep(FLUSH_INTERVAL)
+        finally:
+            with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
+                await self._write_through(before_flush)
+
+    async def _write_through(self, before_flush: Sequence[Callable[[], object]]) -> None:
+        for sync in before_flush:
+            sync()
+        if self.dirty:
+            await self.flush()
+        else:
+            await trio.lowlevel.checkpoint()
 
     @property
     def dirty(self) -> bool:

@@ -487,6 +487,10 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
             nursery.start_soon(
                 _supervise, "escalation", bridge.health, lambda: escalation_loop(ctx)
             )
+            nursery.start_soon(
+                _supervise, "alarm book", bridge.health,
+                partial(bridge.book.run, before_flush=[bridge.timelines.sync]),
+            )  # fmt: skip
             nursery.start_soon(notify_loop, bridge.health, bridge.started)
 
             async def intake_tasks(

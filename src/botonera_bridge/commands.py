@@ -23,7 +23,6 @@ Replies are Spanish; logs are English and never show a full phone number.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 import time
@@ -34,14 +33,15 @@ from typing import Final, Protocol
 import msgspec
 import trio
 
+from . import texts
 from .alarms import AlarmBook, OpenAlarm, colour_of
-from .config import Settings
+from .config import Empresa, Settings
 from .errors import BridgeError, DeliveryError
 from .ids import fold, mask_phone, message_ref, stable_id
 from .messages import Event, now_rfc3339, synthetic
 from .metrics import Metrics
 from .receipts import Timelines
-from .texts import SEMAFOROS, TZ, clock_time, escalation_prefix, semaforo
+from .texts import SEMAFOROS, clock_time, empresa_name, escalation_prefix, semaforo
 from .ws_receiver import Inbound
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ SEND_WAIT: Final = 30.0  # seconds to wait on one WhatsApp send before moving on
 ACK_SKEW: Final = 10.0  # seconds of clock difference tolerated between WhatsApp and us
 STALE_COMMAND: Final = 600.0  # seconds after which a SEMAFORO command is not applied
 MAX_TICK: Final = 1.0  # seconds; the escalation loop looks at least this often
-FINAL_FLUSH_TIMEOUT: Final = 2.0  # seconds for the last write of the alarm book
 MAX_PANEL_LINES: Final = 15  # panels listed per empresa in ESTADO (offline first)
 SHORT_ID: Final = 8  # characters of an event id shown to people
 DIGEST_LINES: Final = 10  # alarms listed in one escalation digest, then "y N más"
@@ -191,7 +190,7 @@ def _empresa_status(
     else:
         emoji, colour, meaning = semaforo(sem[0])
         label = f" ({meaning})" if meaning else ""
-        lines.append(f"🚦 Semáforo: {emoji} {colour}{label} desde {_hhmm(sem[1])}")
+        lines.append(f"🚦 Semáforo: {emoji} {colour}{label} desde {clock_time(int(sem[1] * 1e9))}")
     mine = [d for d in devices if d.empresa == empresa]
     if not mine:
         lines.append("📟 Paneles: ninguno ha reportado")
@@ -238,15 +237,8 @@ def _panel(d: DeviceLike) -> str:
     return "/".join(parts) if parts else "panel sin nombre"
 
 
-def _hhmm(wall: float) -> str:
-    return dt.datetime.fromtimestamp(wall, TZ).strftime("%H:%M")
-
-
 def _label(ctx: CommandContext, empresa: str) -> str:
-    if not empresa:
-        return "empresa sin identificar"
-    e = ctx.settings.empresa(empresa)
-    return e.label if e is not None else empresa
+    return empresa_name(empresa, _empresa(ctx, empresa))
 
 
 def short_id(event_id: str) -> str:
@@ -254,19 +246,12 @@ def short_id(event_id: str) -> str:
 
 
 def alarm_label(ctx: CommandContext, alarm: OpenAlarm) -> str:
-    """'CRITICA — Cota (sede principal): Fallo en sistema · 14:32'."""
-    if alarm.tipo == "semaforos":
-        emoji, colour, _ = semaforo(alarm.tipo_alarma)
-        what = f"{emoji} SEMÁFORO {colour}"
-    else:
-        what = alarm.tipo_alarma or "sin tipo"
-    place = _label(ctx, alarm.empresa)
-    if alarm.sede:
-        place += f" (sede {alarm.sede.replace('_', ' ')})"
-    text = f"{what} — {place}"
-    if alarm.descripcion:
-        text += f": {alarm.descripcion}"
-    return f"{text} · {clock_time(alarm.received_ns)}"
+    """'CRITICA — Cota (sede principal): Fallo en sistema · 14:32' (texts.alarm_label)."""
+    return texts.alarm_label(alarm, _empresa(ctx, alarm.empresa))
+
+
+def _empresa(ctx: CommandContext, empresa: str) -> Empresa | None:
+    return ctx.settings.empresa(empresa) if empresa else None
 
 
 # ---------------------------------------------------------------- ACK
@@ -586,9 +571,7 @@ async def escalate_unread(ctx: CommandContext, now: float) -> int:
 
 
 def _alarm_headline(ctx: CommandContext, alarm: OpenAlarm) -> str:
-    if alarm.tipo == "semaforos":
-        return alarm_label(ctx, alarm)
-    return f"🚨 ALARMA {alarm_label(ctx, alarm)}"
+    return texts.alarm_headline(alarm, _empresa(ctx, alarm.empresa))
 
 
 async def escalation_loop(
@@ -599,29 +582,17 @@ async def escalation_loop(
 ) -> None:
     """Escalate forever: wake at the next due time, and at least every :data:`MAX_TICK`.
 
-    ``clock`` defaults to the book's clock (they must agree). Also writes the alarm
-    book through to Redis when it changed, and once more on the way out.
+    ``clock`` defaults to the book's clock (they must agree). The book writes itself
+    through to Redis (:meth:`AlarmBook.run`).
     """
     now_fn = clock or ctx.book.clock
     task_status.started()
-    try:
-        while True:
-            await escalate(ctx, now_fn())
-            await escalate_unread(ctx, now_fn())
-            if ctx.timelines is not None:
-                ctx.timelines.sync()  # same hash as the board: one write-through for both
-            if ctx.book.dirty:
-                await ctx.book.flush()
-            times = [ctx.book.next_due()]
-            if ctx.timelines is not None and ctx.settings.escalation.unread_after > 0:
-                times.append(ctx.timelines.next_unread_due(ctx.settings.escalation.unread_after))
-            next_due = min((t for t in times if t is not None), default=None)
-            delay = MAX_TICK if next_due is None else min(MAX_TICK, next_due - now_fn())
-            await trio.sleep(max(0.0, delay))
-    finally:
-        if ctx.timelines is not None:
-            ctx.timelines.sync()
-        if ctx.book.dirty:
-            with trio.move_on_after(FINAL_FLUSH_TIMEOUT) as scope:
-                scope.shield = True
-                await ctx.book.flush()
+    while True:
+        await escalate(ctx, now_fn())
+        await escalate_unread(ctx, now_fn())
+        times = [ctx.book.next_due()]
+        if ctx.timelines is not None and ctx.settings.escalation.unread_after > 0:
+            times.append(ctx.timelines.next_unread_due(ctx.settings.escalation.unread_after))
+        next_due = min((t for t in times if t is not None), default=None)
+        delay = MAX_TICK if next_due is None else min(MAX_TICK, next_due - now_fn())
+        await trio.sleep(max(0.0, delay))

@@ -13,12 +13,15 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .config import Empresa
 from .ids import fold
 from .messages import Event
+
+if TYPE_CHECKING:
+    from .alarms import OpenAlarm
 
 
 def _bogota() -> dt.tzinfo:
@@ -83,22 +86,49 @@ def semaforo(colour: str) -> tuple[str, str, str]:
 
 def place(event: Event, empresa: Empresa | None) -> str:
     """'Cota (sede principal)', or the raw id and that it is not configured."""
-    name = empresa_name(event, empresa)
+    panel = event.dispositivo if event.tipo == "estado" else ""
+    return place_of(event.empresa, event.sede, empresa, panel=panel)
+
+
+def place_of(empresa_id: str, sede: str, empresa: Empresa | None, *, panel: str = "") -> str:
+    """:func:`place` from the parts: 'Cota (sede principal, panel p1)'."""
+    name = empresa_name(empresa_id, empresa)
     extras: list[str] = []
-    if event.sede:
-        extras.append(f"sede {_human(event.sede)}")
-    if event.tipo == "estado" and event.dispositivo:
-        extras.append(f"panel {_human(event.dispositivo)}")
+    if sede:
+        extras.append(f"sede {_human(sede)}")
+    if panel:
+        extras.append(f"panel {_human(panel)}")
     return f"{name} ({', '.join(extras)})" if extras else name
 
 
-def empresa_name(event: Event, empresa: Empresa | None) -> str:
+def empresa_name(empresa_id: str, empresa: Empresa | None) -> str:
     """'Cota', or the raw id and that it is not configured."""
     if empresa is not None:
         return empresa.label
-    if event.empresa:
-        return f"empresa «{event.empresa}» (no configurada)"
+    if empresa_id:
+        return f"empresa «{empresa_id}» (no configurada)"
     return "empresa sin identificar"
+
+
+def alarm_label(alarm: OpenAlarm, empresa: Empresa | None) -> str:
+    """An alarm of the board for replies and reminders that say «Alarma» themselves:
+    'CRITICA — Cota (sede principal): Fallo en sistema · 14:32', a semáforo
+    '🔴 SEMÁFORO ROJO — Cota · 14:32'."""
+    if alarm.tipo == "semaforos":
+        emoji, colour, _ = semaforo(alarm.tipo_alarma)
+        what = f"{emoji} SEMÁFORO {colour}"
+    else:
+        what = alarm.tipo_alarma or "sin tipo"
+    text = f"{what} — {place_of(alarm.empresa, alarm.sede, empresa)}"
+    if alarm.descripcion:
+        text += f": {alarm.descripcion}"
+    return f"{text} · {clock_time(alarm.received_ns)}"
+
+
+def alarm_headline(alarm: OpenAlarm, empresa: Empresa | None) -> str:
+    """An alarm of the board as its first notice put it: '🚨 ALARMA CRITICA — Cota …'."""
+    label = alarm_label(alarm, empresa)
+    return label if alarm.tipo == "semaforos" else f"🚨 ALARMA {label}"
 
 
 def count_suffix(count: int, span_seconds: float) -> str:
@@ -201,7 +231,7 @@ def panels_text(events: list[Event], empresa: Empresa | None, *, shown: int = 10
     first = events[0]
     emoji, _, _ = headline(first)
     state = "en línea" if _status(first) == "online" else "sin conexión"
-    name = empresa_name(first, empresa)
+    name = empresa_name(first.empresa, empresa)
     names = [f"{_human(e.sede) or '-'}/{_human(e.dispositivo) or '-'}" for e in events[:shown]]
     more = f" y {len(events) - shown} más" if len(events) > shown else ""
     when = clock_time(max(e.received_ns for e in events))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import pytest
+import trio
+import trio.testing
 
 from botonera_bridge import alarms
 from botonera_bridge.alarms import AlarmBook
@@ -204,21 +207,24 @@ def test_reload_after_load_and_unreadable_fields_are_dropped() -> None:
     assert "a:broken" not in fresh.data
 
 
+class Backend:
+    def __init__(self) -> None:
+        self.hash: dict[str, bytes] = {}
+        self.writes: list[float] = []  # trio times of hset calls
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        return dict(self.hash)
+
+    async def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+        self.writes.append(trio.current_time())
+        self.hash.update(mapping)
+
+    async def hdel(self, key: str, fields: list[str]) -> None:
+        for f in fields:
+            self.hash.pop(f, None)
+
+
 async def test_flush_writes_through() -> None:
-    class Backend:
-        def __init__(self) -> None:
-            self.hash: dict[str, bytes] = {}
-
-        async def hgetall(self, key: str) -> dict[str, bytes]:
-            return dict(self.hash)
-
-        async def hset(self, key: str, mapping: dict[str, bytes]) -> None:
-            self.hash.update(mapping)
-
-        async def hdel(self, key: str, fields: list[str]) -> None:
-            for f in fields:
-                self.hash.pop(f, None)
-
     backend = Backend()
     book, clock, store = make_book(store=HashStore("botonera:alarms", backend))
     book.observe(event(id=1))
@@ -229,6 +235,33 @@ async def test_flush_writes_through() -> None:
     await restored.load()
     again = AlarmBook(restored, escalation_after=AFTER, escalation_max=3, clock=clock)
     assert len(again.open_alarms("cota")) == 1
+
+
+async def test_run_writes_the_book_through_and_once_more_on_exit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = Backend()
+    book, _, _ = make_book(store=HashStore("botonera:alarms", backend))
+    synced: list[float] = []
+    t0 = trio.current_time()
+    book.observe(event(id=1))
+    assert book.dirty
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(book.run, before_flush=[lambda: synced.append(trio.current_time())])
+            )
+            assert not book.dirty  # written at start
+            await trio.sleep(5.5)  # nothing changed: no write
+            book.observe(event(id=2))
+            await trio.sleep(1)
+            assert not book.dirty  # within one FLUSH_INTERVAL
+            book.observe(event(id=3))
+            nursery.cancel_scope.cancel()
+    assert not book.dirty  # the last change, written on the way out
+    assert [round(t - t0, 6) for t in backend.writes] == [0.0, 6.0, 6.5]
+    assert len(synced) == 8  # before every write-through, at start, each second, on exit
+    assert len([k for k in backend.hash if k.startswith("a:")]) == 3
 
 
 def test_acknowledged_alarms_are_forgotten_after_a_day() -> None:

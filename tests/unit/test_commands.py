@@ -512,15 +512,6 @@ async def test_escalation_of_a_semaforo_rojo_and_unknown_empresa(
     assert [n for n, t, _ in fake.sent if "bogota" in t] == [[CENTRAL]]
 
 
-async def test_escalation_loop_flushes_the_book(autojump_clock: trio.testing.MockClock) -> None:
-    fake = Fake()
-    ctx, _ = make(fake, clock=trio.current_time)
-    ctx.book.observe(alarm())
-    assert ctx.book.dirty
-    await run_loop_until(ctx, trio.current_time() + 0.5)
-    assert not ctx.book.dirty
-
-
 async def test_a_stuck_whatsapp_does_not_hold_escalations(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -149,7 +149,7 @@ def _params(line: _Line) -> tuple[str, str, str] | None:
     if len(line.notices) > 1:  # '📴 12 paneles sin conexión — Cota: a, b · 14:32'
         head, _, rest = _single(line).partition(" — ")
         _, _, detail = rest.partition(": ")
-        return _clip_params((texts.empresa_name(n.event, n.empresa), head, detail))
+        return _clip_params((texts.empresa_name(n.event.empresa, n.empresa), head, detail))
     if n.summary:  # '… · se repitió 3 veces más (hasta 14:33)'
         where, what, _ = texts.template_params(n.event, n.empresa)
         return _clip_params((where, what, _single(line).rsplit(" · ", 1)[-1]))
@@ -170,7 +170,9 @@ def render(notices: Sequence[Notice]) -> Rendered:
         n = line.head
         kind = "direct" if n.event is None else "summary" if n.summary else "alert"
         return Rendered(texts.clip(_single(line)), _params(line), kind)
-    names = list(dict.fromkeys(texts.empresa_name(n.event, n.empresa) for n in notices if n.event))
+    names = list(
+        dict.fromkeys(texts.empresa_name(n.event.empresa, n.empresa) for n in notices if n.event)
+    )
     one_empresa = len(names) == 1
     shown = lines[:MAX_LINES]
     body = [_single(line, with_empresa=not one_empresa, short=True) for line in shown]
