@@ -49,6 +49,7 @@ UNCONFIGURED: Final = "sin_configurar"  # the one bucket of every unconfigured e
 FLUSH_INTERVAL: Final = 1.0  # seconds between writes of a changed board
 FINAL_FLUSH_TIMEOUT: Final = 2.0  # seconds for the last write, on the way out
 
+_FROM_EVENT: Final = ("id", "empresa", "sede", "dispositivo", "tipo", "received_ns")
 _ALARM: Final = "a:"
 _SEMAFORO: Final = "s:"
 
@@ -232,15 +233,10 @@ class AlarmBook:
 
     def _open(self, event: Event, now: float, tipo_alarma: str) -> OpenAlarm:
         alarm = OpenAlarm(
-            id=event.id,
-            empresa=event.empresa,
-            sede=event.sede,
-            dispositivo=event.dispositivo,
-            tipo=event.tipo,
             tipo_alarma=tipo_alarma.strip(),
             descripcion=event.detail.get("descripcion", "").strip(),
             opened_at=now,
-            received_ns=event.received_ns,
+            **{name: getattr(event, name) for name in _FROM_EVENT},
         )
         self._put(alarm)
         return alarm

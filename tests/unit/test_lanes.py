@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 import trio.testing
@@ -9,6 +12,16 @@ import trio.testing
 from botonera_bridge.lanes import Lanes
 
 CEILING = 60.0  # virtual seconds: a hang fails fast
+
+
+@asynccontextmanager
+async def running(lanes: Lanes[str, int]) -> AsyncIterator[trio.Nursery]:
+    """The lanes running in a nursery, cancelled when the block ends."""
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lanes.run)
+            yield nursery
+            nursery.cancel_scope.cancel()
 
 
 class Recorder:
@@ -31,20 +44,17 @@ class Recorder:
 async def test_order_per_key_and_keys_in_parallel(autojump_clock: trio.testing.MockClock) -> None:
     rec = Recorder({"a": 1.0, "b": 2.0})
     lanes: Lanes[str, int] = Lanes(rec, max_pending=100)
-    with trio.fail_after(CEILING):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lanes.run)
-            t0 = trio.current_time()
-            for i in range(3):
-                lanes.put_nowait("a", i)
-                lanes.put_nowait("b", i)
-            assert lanes.pending == 6
-            assert lanes.busy("a")
-            assert lanes.busy("b")
-            assert not lanes.busy("c")
-            while lanes.pending:  # noqa: ASYNC110 - observed from outside
-                await trio.sleep(0.5)
-            nursery.cancel_scope.cancel()
+    async with running(lanes):
+        t0 = trio.current_time()
+        for i in range(3):
+            lanes.put_nowait("a", i)
+            lanes.put_nowait("b", i)
+        assert lanes.pending == 6
+        assert lanes.busy("a")
+        assert lanes.busy("b")
+        assert not lanes.busy("c")
+        while lanes.pending:  # noqa: ASYNC110 - observed from outside
+            await trio.sleep(0.5)
     assert [i for k, i, _ in rec.done if k == "a"] == [0, 1, 2]
     assert [i for k, i, _ in rec.done if k == "b"] == [0, 1, 2]
     # one at a time per key, both keys at once: exact virtual times
@@ -56,20 +66,17 @@ async def test_order_per_key_and_keys_in_parallel(autojump_clock: trio.testing.M
 async def test_one_worker_per_burst_not_per_item(autojump_clock: trio.testing.MockClock) -> None:
     rec = Recorder()
     lanes: Lanes[str, int] = Lanes(rec, max_pending=100)
-    with trio.fail_after(CEILING):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lanes.run)
-            for i in range(10):
-                lanes.put_nowait("a", i)
-            await trio.sleep(5.5)
-            lanes.put_nowait("a", 10)  # still busy: the same worker takes it
-            await trio.sleep(20)
-            stats = lanes.statistics()
-            assert (stats.workers_started, stats.handled, stats.keys) == (1, 11, 0)
-            lanes.put_nowait("a", 11)  # idle since: a new worker
-            await trio.sleep(2)
-            assert lanes.statistics().workers_started == 2
-            nursery.cancel_scope.cancel()
+    async with running(lanes):
+        for i in range(10):
+            lanes.put_nowait("a", i)
+        await trio.sleep(5.5)
+        lanes.put_nowait("a", 10)  # still busy: the same worker takes it
+        await trio.sleep(20)
+        stats = lanes.statistics()
+        assert (stats.workers_started, stats.handled, stats.keys) == (1, 11, 0)
+        lanes.put_nowait("a", 11)  # idle since: a new worker
+        await trio.sleep(2)
+        assert lanes.statistics().workers_started == 2
 
 
 async def test_bound_blocks_the_producer_until_room(
@@ -78,23 +85,20 @@ async def test_bound_blocks_the_producer_until_room(
     rec = Recorder({"a": 1.0, "b": 1.5})
     lanes: Lanes[str, int] = Lanes(rec, max_pending=3)
     put_at: list[float] = []
-    with trio.fail_after(CEILING):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lanes.run)
-            t0 = trio.current_time()
-            assert await lanes.room() == 3
-            lanes.put_nowait("a", 0)
-            lanes.put_nowait("a", 1)
-            lanes.put_nowait("b", 0)
-            with pytest.raises(trio.WouldBlock):
-                lanes.put_nowait("c", 0)
-            for i in (2, 3):
-                await lanes.put("a", i)
-                put_at.append(trio.current_time() - t0)
-                assert lanes.pending <= 3
-            while lanes.pending:  # noqa: ASYNC110 - observed from outside
-                await trio.sleep(0.5)
-            nursery.cancel_scope.cancel()
+    async with running(lanes):
+        t0 = trio.current_time()
+        assert await lanes.room() == 3
+        lanes.put_nowait("a", 0)
+        lanes.put_nowait("a", 1)
+        lanes.put_nowait("b", 0)
+        with pytest.raises(trio.WouldBlock):
+            lanes.put_nowait("c", 0)
+        for i in (2, 3):
+            await lanes.put("a", i)
+            put_at.append(trio.current_time() - t0)
+            assert lanes.pending <= 3
+        while lanes.pending:  # noqa: ASYNC110 - observed from outside
+            await trio.sleep(0.5)
     assert put_at == [1.0, 1.5]  # each waited for one item (a0, then b0) to finish
     assert [i for k, i, _ in rec.done if k == "a"] == [0, 1, 2, 3]
 
@@ -114,15 +118,12 @@ async def test_a_failing_item_does_not_kill_its_lane(
     lanes: Lanes[str, int] = Lanes(
         handle, max_pending=10, on_error=lambda k, i, e: errors.append((k, i, str(e)))
     )
-    with trio.fail_after(CEILING):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lanes.run)
-            for i in range(3):
-                lanes.put_nowait("a", i)
-            await trio.sleep(10)
-            assert lanes.pending == 0
-            assert lanes.statistics().failed == 1
-            nursery.cancel_scope.cancel()
+    async with running(lanes):
+        for i in range(3):
+            lanes.put_nowait("a", i)
+        await trio.sleep(10)
+        assert lanes.pending == 0
+        assert lanes.statistics().failed == 1
     assert done == [0, 2]
     assert errors == [("a", 1, "bad item")]
 
@@ -169,14 +170,11 @@ async def test_cancelling_the_run_forgets_everything(
 ) -> None:
     rec = Recorder({"a": 100.0})
     lanes: Lanes[str, int] = Lanes(rec, max_pending=2)
-    with trio.fail_after(CEILING):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lanes.run)
-            lanes.put_nowait("a", 0)
-            lanes.put_nowait("a", 1)
-            nursery.start_soon(lanes.put, "a", 2)  # waits for room
-            await trio.sleep(1)
-            nursery.cancel_scope.cancel()
+    async with running(lanes) as nursery:
+        lanes.put_nowait("a", 0)
+        lanes.put_nowait("a", 1)
+        nursery.start_soon(lanes.put, "a", 2)  # waits for room
+        await trio.sleep(1)
     assert lanes.statistics().pending == 0
     assert not lanes.busy("a")
     assert rec.done == []
