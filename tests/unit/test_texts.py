@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from botonera_bridge import texts
+from botonera_bridge.alarms import OpenAlarm
 from botonera_bridge.config import Empresa
 from botonera_bridge.ids import mask_phone
 from botonera_bridge.messages import Event
@@ -214,3 +215,24 @@ async def test_log_sender_keeps_a_digest_on_one_log_line(caplog):
     await LogSender().send_text("+573001112233", "🚨 2 alertas — Cota\n🚨 uno\n🚨 dos")
     (record,) = caplog.records
     assert record.getMessage() == "WhatsApp → +57******2233: 🚨 2 alertas — Cota ⏎ 🚨 uno ⏎ 🚨 dos"
+
+
+def test_board_alarms_read_like_their_first_notice():
+    """commands.py's replies and reminders take these from texts.py (issue 12)."""
+    alarm = OpenAlarm(
+        id="e1", empresa="cota", sede="sede_norte", tipo="alarmas", tipo_alarma="CRITICA",
+        descripcion="Fallo en sistema", opened_at=0.0, received_ns=T_NS,
+    )  # fmt: skip
+    event = ev("alarmas", sede="sede_norte",
+               detail={"tipo_alarma": "CRITICA", "descripcion": "Fallo en sistema"})  # fmt: skip
+    assert texts.alarm_label(alarm, COTA) == (
+        "CRITICA — Cota (sede sede norte): Fallo en sistema · 14:32"
+    )
+    assert texts.alarm_headline(alarm, COTA) == texts.event_text(event, COTA)
+    rojo = OpenAlarm(
+        id="e2", empresa="chia", sede="", tipo="semaforos", tipo_alarma="ROJO",
+        descripcion="", opened_at=0.0, received_ns=T_NS,
+    )  # fmt: skip
+    assert texts.alarm_headline(rojo, None) == (
+        "🔴 SEMÁFORO ROJO — empresa «chia» (no configurada) · 14:32"
+    )
