@@ -23,7 +23,7 @@ import msgspec
 import trio
 
 from .ids import mask_phone, message_ref
-from .lanes import Lanes
+from .lanes import Lanes, LaneStatistics
 from .metrics import Metrics
 from .outbox import DeadLetters
 from .queues.streams import DurableStream
@@ -60,6 +60,10 @@ class Inbox:
     def pending(self) -> int:
         """Entries held in the lanes: queued or being handled."""
         return self._lanes.pending if self._lanes is not None else 0
+
+    def lane_statistics(self) -> LaneStatistics | None:
+        """The running lanes' statistics (for gauges); None before the first run."""
+        return self._lanes.statistics() if self._lanes is not None else None
 
     async def run(
         self, handle: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -126,6 +126,9 @@ async def test_lanes_are_per_sender_and_bounded() -> None:
                     await trio.sleep(0.01)
                 assert sorted(seen) == sorted([A, B])  # lanes start in either order
                 assert inbox.pending == 2  # a1 in progress, a2 waiting behind it
+                lanes = inbox.lane_statistics()
+                assert lanes is not None
+                assert lanes.keys == 1  # B's lane ended with its one message
                 gate.set()
                 while inbox.pending:  # noqa: ASYNC110 - observed from outside
                     await trio.sleep(0.01)

@@ -433,6 +433,9 @@ async def test_entries_in_flight_are_bounded(autojump_clock):
         await trio.sleep(60)
         assert h.delivery.read_total == 3
         assert h.delivery.read_total - h.delivery.done() == 3  # in flight
+        lanes = h.sink.lane_statistics()
+        assert lanes is not None
+        assert (lanes.keys, lanes.pending) == (1, 1)  # one worker: A's, retrying
         h.sender.always.clear()
         await until_done(h, 10)
         assert h.delivery.read_total == 10

@@ -52,7 +52,7 @@ from .. import backoff, texts
 from ..config import Empresa, Settings
 from ..errors import PermanentDelivery, RedisError, TransientDelivery
 from ..ids import mask_phone
-from ..lanes import Lanes
+from ..lanes import Lanes, LaneStatistics
 from ..messages import Event
 from ..metrics import Metrics
 from ..whatsapp_api import Sender, WhatsAppRejected, WhatsAppThrottled
@@ -296,6 +296,10 @@ class WhatsAppSink:
             return
         await self._running.wait()
         self._add_direct(recipients, text)
+
+    def lane_statistics(self) -> LaneStatistics | None:
+        """The running per-number lanes' statistics (for gauges); None when not running."""
+        return self._lanes.statistics() if self._lanes is not None else None
 
     def recipients(self, event: Event) -> tuple[str, ...]:
         """The empresa's contacts; ``central`` when the empresa is unknown or missing."""
