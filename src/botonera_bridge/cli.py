@@ -7,8 +7,6 @@ import json
 import logging
 import signal
 import sys
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, TypeVar
 
@@ -20,14 +18,13 @@ from . import log as log_mod
 from .config import Settings
 from .errors import BridgeError, ConfigError, MqttError, RedisError
 from .ids import IdentifierError, normalize_id
+from .messages import TIPOS
 
 EXIT_OK: Final = 0
 EXIT_FAIL: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 T = TypeVar("T")
-
-TIPOS: Final = ("semaforos", "alarmas", "estado", "configuracion", "heartbeat")
 
 app = typer.Typer(
     add_completion=False,
@@ -419,28 +416,6 @@ def _root(
     ] = False,
 ) -> None:
     """botonera-bridge: botoneras (MQTT) al backend de alertas y a WhatsApp."""
-
-
-def send_test_identity(empresa: str) -> tuple[dict[str, Any], str]:
-    """The test alarm and the event id the bridge will derive from it."""
-    test_id = f"prueba-{uuid.uuid4()}"
-    body = {
-        "tipo_mensaje": "alarmas",
-        "tipo_alarma": "PRUEBA",
-        "descripcion": "Prueba automática de botonera-bridge",
-        "empresa": empresa,
-        "prueba": True,
-        "id": test_id,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    # the id the bridge derives (identity + digest of these exact bytes, as send-test
-    # publishes them)
-    import msgspec
-
-    from .messages import decode
-
-    _, event = decode(msgspec.json.encode(body), "empresas", 0, 1 << 20)
-    return body, event.id
 
 
 def _daemon_args(argv: list[str]) -> tuple[str | None, bool, bool] | None:
