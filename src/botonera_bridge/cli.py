@@ -76,7 +76,6 @@ def _trio_run(fn: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-@app.command()
 def run(
     config: ConfigOpt = None,
     mqtt: Annotated[
@@ -108,6 +107,13 @@ def run(
         log.critical("fatal configuration error: %s", exc)
         raise typer.Exit(EXIT_USAGE) from exc
     raise typer.Exit(code)
+
+
+daemon_app = typer.Typer(  # `run` alone, for the daemon (see main)
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)
+for _typer_app in (app, daemon_app):
+    _typer_app.command()(run)
 
 
 @app.command("check-config")
@@ -418,44 +424,14 @@ def _root(
     """botonera-bridge: botoneras (MQTT) al backend de alertas y a WhatsApp."""
 
 
-def _daemon_args(argv: list[str]) -> tuple[str | None, bool, bool] | None:
-    """``run`` with only --config/-c, --[no-]mqtt, --[no-]websocket: the parsed values.
-
-    Anything else (--help, unknown or odd options) returns None and goes through typer.
-    Why: typer 0.29 coerces option values through pydantic, which costs the daemon
-    ~6 MB of RSS for its whole life; these few flags need no coercion."""
-    if not argv or argv[0] != "run":
-        return None
-    config: str | None = None
-    flags = {"--mqtt": ("mqtt", True), "--no-mqtt": ("mqtt", False)}
-    flags |= {"--websocket": ("ws", True), "--no-websocket": ("ws", False)}
-    on = {"mqtt": True, "ws": True}
-    rest = iter(argv[1:])
-    for arg in rest:
-        if arg in flags:
-            key, value = flags[arg]
-            on[key] = value
-        elif arg in ("--config", "-c"):
-            config = next(rest, "")
-        elif arg.startswith("--config="):
-            config = arg.partition("=")[2]
-        else:
-            return None
-        if config is not None and (not config or config.startswith("-")):
-            return None
-    return config, on["mqtt"], on["ws"]
-
-
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     code = EXIT_OK
     try:
-        daemon = _daemon_args(sys.argv[1:])
-        if daemon is not None:
-            try:
-                run(*daemon)
-            except typer.Exit as exc:
-                code = exc.exit_code
+        if sys.argv[1:2] == ["run"]:
+            # Typer builds a parser for every command of an app from its annotations,
+            # and keeps ~250 KB of it alive: the daemon parses with `run`'s alone.
+            daemon_app(sys.argv[2:], prog_name="botonera-bridge run")
         else:
             # A command reports a broker failure in its one line (checks.cause); the
             # client's reconnect warnings, meant for the daemon's log, would repeat it.
