@@ -13,13 +13,13 @@ explicit inputs, start the tasks, and stop in two phases on SIGTERM/SIGINT.
     (receipts ─▶ timelines)                            └─▶ mqtt publish comandos/<empresa>
     escalation_loop ─▶ whatsapp sink.post;   status model ◀─ health, outbox, inbox, book
 
-Tasks whose readiness something else waits on start with ``nursery.start``: the
-Redis link (connected or on the memory fallback), the HA lease loop, the status
-listener, the receipts publisher, and the intake (WebSocket connected; router ready
-before MQTT is read). The workers that only consume a queue or a clock (watchdog,
-stream maintenance, gauges, both sinks, inbox lanes, webhook, escalation) start with
-``start_soon`` under :func:`supervise`, which restarts one after a bug: nothing
-waits for them to be ready, and their queues hold the work meanwhile.
+``nursery.start`` where what follows needs the task ready: the Redis link (connected or
+on the memory fallback), the HA lease loop, the receipts publisher (before any sink runs),
+the status listener, the intake (WebSocket connected; router ready before MQTT is read).
+``start_soon`` for the rest, which nothing waits on: the signal handler, systemd's
+notifier, and the workers that consume a queue or a clock (watchdog, stream maintenance,
+gauges, both sinks, inbox lanes, webhook, escalation), each under
+:func:`lifecycle.supervise`, which restarts it after a bug (its queue holds the work).
 """
 
 from __future__ import annotations

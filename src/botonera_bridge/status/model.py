@@ -6,13 +6,12 @@ JSON keys are English. The panel protocol's own field names (``empresa``, ``sede
 values (colours, states, tipos) stay as panels and operators say them.
 
 The ``empresas`` part is bounded and indexed, whatever panels send: devices are
-grouped in one pass (at most
-:data:`MAX_DEVICES_SHOWN` per empresa, offline first), alarms come from the board's
-per-bucket index (capped per empresa), and every unconfigured empresa is shown in
-one block, :data:`~botonera_bridge.alarms.UNCONFIGURED`, with its newest
-:data:`MAX_UNCONFIGURED_SHOWN` alarms. Each alarm carries its reach
-(``reached``: recipients the message was sent to; ``read_by``: who read it) when
-its timeline is kept.
+grouped in one pass (at most :data:`MAX_DEVICES_SHOWN` per empresa, offline first),
+alarms come from the board's per-bucket index (capped per empresa), and every
+unconfigured empresa is shown in one block, :data:`~botonera_bridge.alarms.UNCONFIGURED`,
+with its newest :data:`MAX_UNCONFIGURED_SHOWN` alarms. Each alarm carries its reach
+(``reached``: recipients the message was sent to; ``read_by``: who read it) when its
+timeline is kept.
 """
 
 from __future__ import annotations
