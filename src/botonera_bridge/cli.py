@@ -93,27 +93,60 @@ def run(
     # SIGHUP's default action ends the process: ignore it until the bridge's own handler
     # (a config reload) is installed, so an early `systemctl reload` cannot kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    settings = _load(config)
+    raise _Serve(_load(config), mqtt=mqtt, websocket=websocket)
+
+
+daemon_app = typer.Typer(  # `run` alone, for the daemon (see _command)
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)
+for _typer_app in (app, daemon_app):
+    _typer_app.command()(run)
+
+
+class _Serve(Exception):  # noqa: N818 - a hand-over, not an error
+    """``run``'s parsed options, carried out of typer: see :func:`_command`."""
+
+    def __init__(self, settings: Settings, *, mqtt: bool, websocket: bool) -> None:
+        super().__init__("run")
+        self.settings, self.mqtt, self.websocket = settings, mqtt, websocket
+
+
+def _command(argv: list[str]) -> _Serve | None:
+    """Run the command ``argv`` names; for ``run``, return its options instead.
+
+    Why: typer builds a click parser for every command of an app from its annotations,
+    and the bridge would run inside it for its whole life. ``run`` is parsed by an app
+    of its own, and the bridge starts once typer returned (idle RSS, see make bench)."""
+    try:
+        if argv[:1] == ["run"]:
+            daemon_app(argv[1:], prog_name="botonera-bridge run")
+        else:
+            # A command reports a broker failure in its one line (checks.cause); the
+            # client's reconnect warnings, meant for the daemon's log, would repeat it.
+            logging.getLogger("botonera_bridge.mqtt").setLevel(logging.CRITICAL)
+            app()
+    except _Serve as serve:
+        return serve.with_traceback(None)  # the parser's frames go with the traceback
+    return None
+
+
+def _serve(serve: _Serve) -> int:
+    """The bridge, until SIGTERM/SIGINT; the exit code."""
+    settings = serve.settings
     log_mod.setup(settings.log.level, settings.log.format)
     import trio
 
     from .app import run as app_run
 
     try:
-        code = trio.run(lambda: app_run(settings, mqtt_enabled=mqtt, ws_enabled=websocket))
+        return trio.run(
+            lambda: app_run(settings, mqtt_enabled=serve.mqtt, ws_enabled=serve.websocket)
+        )
     except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         log.critical("fatal configuration error: %s", exc)
-        raise typer.Exit(EXIT_USAGE) from exc
-    raise typer.Exit(code)
-
-
-daemon_app = typer.Typer(  # `run` alone, for the daemon (see main)
-    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
-)
-for _typer_app in (app, daemon_app):
-    _typer_app.command()(run)
+        return EXIT_USAGE
 
 
 @app.command("check-config")
@@ -428,15 +461,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     code = EXIT_OK
     try:
-        if sys.argv[1:2] == ["run"]:
-            # Typer builds a parser for every command of an app from its annotations,
-            # and keeps ~250 KB of it alive: the daemon parses with `run`'s alone.
-            daemon_app(sys.argv[2:], prog_name="botonera-bridge run")
-        else:
-            # A command reports a broker failure in its one line (checks.cause); the
-            # client's reconnect warnings, meant for the daemon's log, would repeat it.
-            logging.getLogger("botonera_bridge.mqtt").setLevel(logging.CRITICAL)
-            app()
+        serve = _command(sys.argv[1:])
+        if serve is not None:
+            code = _serve(serve)
     # One line and an exit code, whatever a command or a task group raised: exception
     # groups (trio nurseries) are unwrapped here, at the top, and nowhere else.
     except* KeyboardInterrupt:
