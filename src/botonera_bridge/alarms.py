@@ -404,9 +404,6 @@ class AlarmBook:
     def bucket_size(self, key: str) -> int:
         return len(self._buckets.get(key, {}))
 
-    def open_count(self) -> int:
-        return sum(1 for a in self._alarms.values() if not a.acked)
-
 
 def _rfc3339(seconds: float) -> str:
     return now_rfc3339(int(seconds * 1e9))

@@ -20,10 +20,10 @@ from .health import Health
 from .mqtt import MqttClient, MqttMessage, open_mqtt
 from .queues.redis_client import probe as redis_probe
 from .redact import mask_urls_in
+from .sendtest import send_test_identity
+from .topics import RECEIPT_TOPIC, STATUS_TOPIC
 
 CHECK_TIMEOUT: Final = 5.0  # seconds per check
-STATUS_TOPIC: Final = "botonera-bridge/status"
-RECEIPT_TOPIC: Final = "botonera-bridge/receipts/"
 
 Result = tuple[bool, str, str]
 
@@ -258,8 +258,6 @@ async def send_test(settings: Settings, empresa: str, wait_seconds: float) -> tu
 
     ``wait_seconds`` is the command's own ``--timeout``: running out is an answer
     (which stage failed), not an error, so it is not left to a caller's scope."""
-    from .cli import send_test_identity
-
     body, event_id = send_test_identity(empresa)
     receipt_topic = RECEIPT_TOPIC + event_id
     unreachable = f"broker unreachable ({settings.mqtt.broker}:{settings.mqtt.port})"

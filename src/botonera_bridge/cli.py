@@ -7,8 +7,6 @@ import json
 import logging
 import signal
 import sys
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, TypeVar
 
@@ -20,14 +18,13 @@ from . import log as log_mod
 from .config import Settings
 from .errors import BridgeError, ConfigError, MqttError, RedisError
 from .ids import IdentifierError, normalize_id
+from .messages import TIPOS
 
 EXIT_OK: Final = 0
 EXIT_FAIL: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 T = TypeVar("T")
-
-TIPOS: Final = ("semaforos", "alarmas", "estado", "configuracion", "heartbeat")
 
 app = typer.Typer(
     add_completion=False,
@@ -79,7 +76,6 @@ def _trio_run(fn: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-@app.command()
 def run(
     config: ConfigOpt = None,
     mqtt: Annotated[
@@ -97,20 +93,60 @@ def run(
     # SIGHUP's default action ends the process: ignore it until the bridge's own handler
     # (a config reload) is installed, so an early `systemctl reload` cannot kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    settings = _load(config)
+    raise _Serve(_load(config), mqtt=mqtt, websocket=websocket)
+
+
+daemon_app = typer.Typer(  # `run` alone, for the daemon (see _command)
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)
+for _typer_app in (app, daemon_app):
+    _typer_app.command()(run)
+
+
+class _Serve(Exception):  # noqa: N818 - a hand-over, not an error
+    """``run``'s parsed options, carried out of typer: see :func:`_command`."""
+
+    def __init__(self, settings: Settings, *, mqtt: bool, websocket: bool) -> None:
+        super().__init__("run")
+        self.settings, self.mqtt, self.websocket = settings, mqtt, websocket
+
+
+def _command(argv: list[str]) -> _Serve | None:
+    """Run the command ``argv`` names; for ``run``, return its options instead.
+
+    Why: typer builds a click parser for every command of an app from its annotations,
+    and the bridge would run inside it for its whole life. ``run`` is parsed by an app
+    of its own, and the bridge starts once typer returned (idle RSS, see make bench)."""
+    try:
+        if argv[:1] == ["run"]:
+            daemon_app(argv[1:], prog_name="botonera-bridge run")
+        else:
+            # A command reports a broker failure in its one line (checks.cause); the
+            # client's reconnect warnings, meant for the daemon's log, would repeat it.
+            logging.getLogger("botonera_bridge.mqtt").setLevel(logging.CRITICAL)
+            app()
+    except _Serve as serve:
+        return serve.with_traceback(None)  # the parser's frames go with the traceback
+    return None
+
+
+def _serve(serve: _Serve) -> int:
+    """The bridge, until SIGTERM/SIGINT; the exit code."""
+    settings = serve.settings
     log_mod.setup(settings.log.level, settings.log.format)
     import trio
 
     from .app import run as app_run
 
     try:
-        code = trio.run(lambda: app_run(settings, mqtt_enabled=mqtt, ws_enabled=websocket))
+        return trio.run(
+            lambda: app_run(settings, mqtt_enabled=serve.mqtt, ws_enabled=serve.websocket)
+        )
     except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         log.critical("fatal configuration error: %s", exc)
-        raise typer.Exit(EXIT_USAGE) from exc
-    raise typer.Exit(code)
+        return EXIT_USAGE
 
 
 @app.command("check-config")
@@ -421,71 +457,13 @@ def _root(
     """botonera-bridge: botoneras (MQTT) al backend de alertas y a WhatsApp."""
 
 
-def send_test_identity(empresa: str) -> tuple[dict[str, Any], str]:
-    """The test alarm and the event id the bridge will derive from it."""
-    test_id = f"prueba-{uuid.uuid4()}"
-    body = {
-        "tipo_mensaje": "alarmas",
-        "tipo_alarma": "PRUEBA",
-        "descripcion": "Prueba automática de botonera-bridge",
-        "empresa": empresa,
-        "prueba": True,
-        "id": test_id,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    # the id the bridge derives (identity + digest of these exact bytes, as send-test
-    # publishes them)
-    import msgspec
-
-    from .messages import decode
-
-    _, event = decode(msgspec.json.encode(body), "empresas", 0, 1 << 20)
-    return body, event.id
-
-
-def _daemon_args(argv: list[str]) -> tuple[str | None, bool, bool] | None:
-    """``run`` with only --config/-c, --[no-]mqtt, --[no-]websocket: the parsed values.
-
-    Anything else (--help, unknown or odd options) returns None and goes through typer.
-    Why: typer 0.29 coerces option values through pydantic, which costs the daemon
-    ~6 MB of RSS for its whole life; these few flags need no coercion."""
-    if not argv or argv[0] != "run":
-        return None
-    config: str | None = None
-    flags = {"--mqtt": ("mqtt", True), "--no-mqtt": ("mqtt", False)}
-    flags |= {"--websocket": ("ws", True), "--no-websocket": ("ws", False)}
-    on = {"mqtt": True, "ws": True}
-    rest = iter(argv[1:])
-    for arg in rest:
-        if arg in flags:
-            key, value = flags[arg]
-            on[key] = value
-        elif arg in ("--config", "-c"):
-            config = next(rest, "")
-        elif arg.startswith("--config="):
-            config = arg.partition("=")[2]
-        else:
-            return None
-        if config is not None and (not config or config.startswith("-")):
-            return None
-    return config, on["mqtt"], on["ws"]
-
-
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     code = EXIT_OK
     try:
-        daemon = _daemon_args(sys.argv[1:])
-        if daemon is not None:
-            try:
-                run(*daemon)
-            except typer.Exit as exc:
-                code = exc.exit_code
-        else:
-            # A command reports a broker failure in its one line (checks.cause); the
-            # client's reconnect warnings, meant for the daemon's log, would repeat it.
-            logging.getLogger("botonera_bridge.mqtt").setLevel(logging.CRITICAL)
-            app()
+        serve = _command(sys.argv[1:])
+        if serve is not None:
+            code = _serve(serve)
     # One line and an exit code, whatever a command or a task group raised: exception
     # groups (trio nurseries) are unwrapped here, at the top, and nowhere else.
     except* KeyboardInterrupt:

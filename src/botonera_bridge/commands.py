@@ -42,11 +42,11 @@ from .messages import Event, now_rfc3339, synthetic
 from .metrics import Metrics
 from .receipts import Timelines
 from .texts import SEMAFOROS, clock_time, empresa_name, escalation_prefix, semaforo
+from .topics import COMMAND_TOPIC
 from .ws_receiver import Inbound
 
 log = logging.getLogger(__name__)
 
-COMMAND_TOPIC: Final = "comandos/{empresa}"
 ACUSE_TOPIC: Final = "whatsapp/acuse"
 PUBLISH_TIMEOUT: Final = 10.0  # seconds a person waits for a SEMAFORO confirmation
 SEND_WAIT: Final = 30.0  # seconds to wait on one WhatsApp send before moving on

@@ -11,11 +11,12 @@ import msgspec
 
 from .config import Settings
 from .errors import BridgeError, InvalidMessage, RedisError
-from .messages import Event, decode, decode_event
+from .messages import Event, decode_event
 from .outbox import DeadLetters, Outbox, dead_letter_json, decode_dead
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis_settings
 from .queues.streams import _entry_list
+from .topics import decode_mqtt
 
 PAGE: Final = 100  # entries per XRANGE: a reply stays small however big :dead is
 
@@ -93,7 +94,7 @@ def _event_of(dl: Any, settings: Settings) -> Event:
         else:
             return ev
     raw = base64.b64decode(dl.payload) if dl.payload_encoding == "base64" else dl.payload.encode()
-    _, event = decode(
+    _, event = decode_mqtt(
         raw, dl.topic or settings.mqtt.topics[0], time.time_ns(), settings.mqtt.max_payload
     )
     return event

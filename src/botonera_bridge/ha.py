@@ -46,18 +46,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import trio
 
+from .alarms import AlarmBook
 from .config import Settings
 from .errors import RedisError
 from .health import Health
 from .metrics import Metrics
 from .mqtt import MqttClient, MqttMessage, open_mqtt
 from .queues.redis_client import Redis
+from .queues.streams import DurableStream
+from .receipts import Timelines
 from .router import Router
+from .state import HashStore
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,29 @@ return 0
 def interval_for(lease: float) -> float:
     """Seconds between two lease rounds: five renewals per lease, at most 2 s apart."""
     return min(2.0, max(0.2, lease / 5))
+
+
+async def take_over(
+    replica: str,
+    *,
+    streams: Sequence[DurableStream],
+    book: AlarmBook,
+    alarms: HashStore,
+    timelines: Timelines,
+) -> None:
+    """After adopting a dead replica's MQTT session: take its pending entries of
+    ``streams`` (the outbox and the inbox) now, not after ``redis.reclaim_idle``, and
+    the open alarms (with their escalation state) it wrote to Redis; this replica's
+    own board entries win."""
+    for stream in streams:
+        try:
+            await stream.take_over(replica)
+        except RedisError as exc:  # maintenance reclaims them later anyway
+            log.warning("cannot take over %s entries of %s: %s", stream.key, replica, exc)
+    await book.flush()
+    await alarms.load()
+    book.reload()
+    timelines.reload()
 
 
 class Lease:
@@ -197,7 +224,7 @@ class Replicas:
         self.prefix = f"{settings.redis.prefix}:replicas"
         self.instance = os.urandom(6).hex()  # tells this process from an earlier one
         self.own = Lease(self.me, self._key(self.me), self)
-        self.own_mqtt: MqttClient | None = None
+        self.own_mqtt: MqttClient | None = None  # this replica's own session (run)
         self._own_changed = trio.Event()  # replaced after every round and every change
         self._own_holder = ""  # who holds our lease while we wait for it
         self._adopted: dict[str, _Adoption] = {}
@@ -244,7 +271,15 @@ class Replicas:
         }
 
     # -- the loop ------------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        own_mqtt: MqttClient | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The lease rounds; ``own_mqtt``: this replica's own session, dropped when its
+        lease is lost (its gate is :meth:`own_gate`)."""
+        self.own_mqtt = own_mqtt
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ticker)
             task_status.started()
@@ -471,8 +506,12 @@ class Replicas:
         lease = adoption.lease
         session = lease.session
         try:
-            async with open_mqtt(self._settings.mqtt, client_id=session, status_topic=False) as c:
-                c.gate = self._adopted_gate(adoption)
+            async with open_mqtt(
+                self._settings.mqtt,
+                client_id=session,
+                status_topic=False,
+                gate=self._adopted_gate(adoption),
+            ) as c:
                 adoption.client = c
                 router = self._make_router(lease)
                 send, recv = trio.open_memory_channel[MqttMessage](INTAKE_BUFFER)

@@ -82,28 +82,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     def device_key(self) -> str:
         return f"{self.empresa or '-'}/{self.sede or '-'}/{self.dispositivo or '-'}"
 
-    def backend_body(self) -> bytes:
-        """The original object with ``_bridge`` appended, spliced without re-encoding."""
-        bridge = {"id": self.id, "topic": self.topic, "recibido_en": self.recibido_en}
-        bridge["origen"] = self.origen
-        meta: dict[str, Any] = dict(bridge)
-        if self.flags:
-            meta["flags"] = list(self.flags)
-        tail = _encoder.encode(meta)
-        body = self.payload.rstrip()
-        if body.endswith(b"}") and b'"_bridge"' not in body:
-            head = body[:-1].rstrip()
-            sep = b"" if head.endswith(b"{") else b","
-            return head + sep + b'"_bridge":' + tail + b"}"
-        # numbers read as Decimal and written back as numbers: a 1e400 a lenient alarm
-        # was accepted with must not make its delivery fail
-        obj = _lenient.decode(self.payload)
-        obj["_bridge"] = meta
-        return _number_encoder.encode(obj)
-
 
 _encoder: Final = msgspec.json.Encoder()
-_number_encoder: Final = msgspec.json.Encoder(decimal_format="number")
 _event_codec: Final = msgspec.msgpack.Encoder()
 _event_decoder: Final = msgspec.msgpack.Decoder(Event)
 
@@ -258,8 +238,18 @@ class _Unusable(Exception):
     """An alarm's sede/dispositivo that cannot be an identifier."""
 
 
-def decode(payload: bytes, topic: str, received_ns: int, max_payload: int) -> tuple[Message, Event]:
-    """Validate one MQTT payload and build its Event. Raises InvalidMessage."""
+def decode(
+    payload: bytes,
+    topic: str,
+    received_ns: int,
+    max_payload: int,
+    *,
+    place: tuple[str, str] = ("", ""),
+) -> tuple[Message, Event]:
+    """Validate one MQTT payload and build its Event. Raises InvalidMessage.
+
+    ``place``: the (empresa, sede) the transport names, used where the payload names
+    none (``topics.decode_mqtt`` takes them from the panel topic)."""
     if len(payload) > max_payload:
         raise InvalidMessage(
             "too_large", f"payload of {len(payload)} bytes exceeds {max_payload}", topic=topic
@@ -285,14 +275,7 @@ def decode(payload: bytes, topic: str, received_ns: int, max_payload: int) -> tu
         flags.append("timestamp_invalido")
         msg.timestamp = None
 
-    parts = topic.split("/")
-    t_empresa = t_sede = ""
-    if len(parts) >= 2:
-        try:
-            t_empresa = normalize_id(parts[1], "empresa") if parts[1] else ""
-            t_sede = normalize_id(parts[2], "sede") if len(parts) >= 3 and parts[2] else ""
-        except IdentifierError as exc:
-            raise InvalidMessage("invalid_identifier", str(exc), topic=topic) from exc
+    t_empresa, t_sede = place
     empresa = _ident(msg.empresa, "empresa", t_empresa, topic, False)
     try:
         sede = _ident(msg.sede, "sede", t_sede, topic, is_alarm)

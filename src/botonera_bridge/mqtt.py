@@ -66,10 +66,10 @@ from .config import MqttSettings
 from .errors import MqttError
 from .health import Health
 from .metrics import Metrics
+from .topics import STATUS_TOPIC
 
 log = logging.getLogger(__name__)
 
-STATUS_TOPIC: Final = "botonera-bridge/status"
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
 
@@ -162,8 +162,6 @@ class MqttClient:
     #: Reconnect backoff (seconds); tests may lower them on an instance.
     reconnect_first: float = RECONNECT_FIRST
     reconnect_cap: float = RECONNECT_CAP
-    #: Awaited before every connection attempt (ha.py: hold the session's lease first).
-    gate: Callable[[], Awaitable[None]] | None = None
 
     def __init__(
         self,
@@ -175,7 +173,10 @@ class MqttClient:
         status_topic: bool,
         health: Health | None,
         metrics: Metrics | None,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        #: Awaited before every connection attempt (ha.py: hold the session's lease first).
+        self.gate = gate
         self._settings = settings
         self._client = client
         self._client_id = client_id
@@ -838,6 +839,7 @@ async def open_mqtt(
     status_topic: bool = True,
     health: Health | None = None,
     metrics: Metrics | None = None,
+    gate: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[MqttClient]:
     """An :class:`MqttClient`; start its :meth:`~MqttClient.run` in a nursery.
 
@@ -859,6 +861,7 @@ async def open_mqtt(
         status_topic=status_topic,
         health=health,
         metrics=metrics,
+        gate=gate,
     )
     if health is not None:
         health.require("mqtt")

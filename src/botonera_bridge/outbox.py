@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import msgspec
@@ -225,6 +225,7 @@ class Outbox:
         dead: DeadLetters,
         reclaim_idle: float = 60.0,
         on_finished: Callable[[Event, dict[str, str]], Awaitable[None]] | None = None,
+        needed_by: Mapping[str, Callable[[Event], bool]] | None = None,
     ) -> None:
         self.dead = dead
         self.stream = DurableStream(
@@ -247,7 +248,7 @@ class Outbox:
         }
         # per sink, optional: does this event need that sink at all? (decided at append:
         # an event no sink needs costs that sink's consumer group no round trip)
-        self.needed_by: dict[str, Callable[[Event], bool]] = {}
+        self.needed_by: dict[str, Callable[[Event], bool]] = dict(needed_by or {})
 
     async def append(
         self, events: Sequence[tuple[Event, str]], *, only: str = "", fence: Fence | None = None

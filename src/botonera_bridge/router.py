@@ -17,12 +17,13 @@ import trio
 
 from .config import Settings
 from .errors import FencedError, InvalidMessage
-from .messages import Event, Heartbeat, Message, decode
+from .messages import Event, Heartbeat, Message
 from .metrics import Metrics
 from .mqtt import MqttMessage
 from .outbox import Outbox
 from .queues.streams import SAFE, Fence, Receipt
 from .redact import escape
+from .topics import decode_mqtt
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ BATCH: Final = 256
 
 class Acker(Protocol):
     def ack(self, msg: MqttMessage) -> None: ...
-
-
-class Observer(Protocol):
-    def seen(self, event: Event) -> None: ...
 
 
 class Router:
@@ -142,7 +139,7 @@ class Router:
     def _accept(self, m: MqttMessage) -> tuple[Event, str] | None:
         """One message: decoded, observed, and its (event, dedup key) when it must be
         delivered; None for a heartbeat (the watchdog consumed it)."""
-        msg, event = decode(m.payload, m.topic, m.received_ns, self._max_payload)
+        msg, event = decode_mqtt(m.payload, m.topic, m.received_ns, self._max_payload)
         self.metrics.received.labels(tipo=event.tipo).inc()
         if event.empresa and event.empresa not in self._known:
             event = msgspec.structs.replace(event, flags=(*event.flags, "empresa_desconocida"))

@@ -73,8 +73,8 @@ def test_alarms_from_8000_new_empresas(bridge_factory, backend, publisher):
     snap = bridge.status()
     blocks = {e["id"]: e for e in snap["empresas"]}
     shared = blocks["sin_configurar"]
-    assert 0 < len(shared["alarmas"]) <= 50
-    assert shared["alarmas_total"] <= 200  # one bucket for every unconfigured empresa
+    assert 0 < len(shared["alarms"]) <= 50
+    assert shared["alarms_total"] <= 200  # one bucket for every unconfigured empresa
 
     log = bridge.log_text()
     # what each round sent toward central (the sink then sends it at central's pace)

@@ -93,7 +93,7 @@ def test_killed_replica_is_adopted_and_nothing_is_lost(bridge_factory, backend, 
     code, _ = a.http("/readyz")
     assert code == 200
     # b's open alarms (the board is in Redis) are on a's board too: escalation goes on.
-    board = {al["descripcion"] for e in a.status()["empresas"] for al in e["alarmas"]}
+    board = {al["descripcion"] for e in a.status()["empresas"] for al in e["alarms"]}
     ra = received(a)  # both of a's sessions: whatever a did not receive, only b saw
     assert len(board) > ra, f"a's board has {len(board)} alarms, only what a received ({ra})"
     print(f"13.1: all {N} delivered {took:.1f}s after the kill; a received {ra:.0f}, "

@@ -14,15 +14,15 @@ import pytest
 import trio
 
 from botonera_bridge import USER_AGENT
-from botonera_bridge.app import _supervise
 from botonera_bridge.config import BackendSettings
 from botonera_bridge.health import Health
-from botonera_bridge.messages import decode
+from botonera_bridge.lifecycle import supervise
 from botonera_bridge.outbox import DeadLetters, Entry, Outbox
 from botonera_bridge.queues.link import RedisLink
 from botonera_bridge.queues.redis_client import open_redis
 from botonera_bridge.sinks.backend import BackendSink
 from botonera_bridge.sinks.http11 import open_pool
+from botonera_bridge.topics import decode_mqtt
 from tests.support.backend import Backend
 
 
@@ -42,7 +42,7 @@ class BuggySink(BackendSink):
 
 def alarm(empresa: str, seq: int, text: str):  # noqa: ANN201 - an Event
     obj = {"tipo_mensaje": "alarmas", "empresa": empresa, "seq": seq, "descripcion": text}
-    return decode(json.dumps(obj).encode(), "empresas", time.time_ns(), 65536)[1]
+    return decode_mqtt(json.dumps(obj).encode(), "empresas", time.time_ns(), 65536)[1]
 
 
 def delivered(backend: Backend) -> Callable[[], list[str]]:
@@ -72,7 +72,7 @@ async def test_backend_sink_restarts_clean_after_a_crash(
             sink = BuggySink(settings, pool=pool, user_agent=USER_AGENT)
             sink.crash = trio.Event()
             nursery.start_soon(
-                _supervise, "backend sink", health, lambda: sink.run(outbox.delivery("backend"))
+                supervise, "backend sink", health, lambda: sink.run(outbox.delivery("backend"))
             )
             await outbox.append([(alarm("cota", 1, "antes"), ""), (alarm("cota", 2, "bug"), "")])
             with trio.fail_after(10):

@@ -143,14 +143,14 @@ async def test_timelines_persist_in_redis_with_the_alarm_board(make_redis) -> No
     import time
 
     from botonera_bridge.alarms import AlarmBook
-    from botonera_bridge.messages import decode
     from botonera_bridge.queues.hashes import RedisHashes
     from botonera_bridge.receipts import Receipt, Timelines
     from botonera_bridge.state import HashStore
+    from botonera_bridge.topics import decode_mqtt
 
     server: RedisProc = make_redis()
     payload = json.dumps({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "id": 7}).encode()
-    event = decode(payload, "empresas/cota/principal", time.time_ns(), 65536)[1]
+    event = decode_mqtt(payload, "empresas/cota/principal", time.time_ns(), 65536)[1]
     with trio.fail_after(CEILING):
         async with trio.open_nursery() as nursery, open_redis(server.url) as redis:
             link = RedisLink(redis)

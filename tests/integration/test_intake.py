@@ -140,7 +140,7 @@ def test_identity_and_lenient_alarms(bridge_factory, backend, publisher):
         assert flag in by_desc[f"odd {i}"]["_bridge"]["flags"], (i, by_desc[f"odd {i}"])
     assert by_desc["odd 1"]["tipo_mensaje"] == "ALARMAS"  # forwarded unchanged
     # real alarms, not send-tests: they opened alarms on the board
-    open_cota = next(e for e in bridge.status()["empresas"] if e["id"] == "cota")["alarmas"]
+    open_cota = next(e for e in bridge.status()["empresas"] if e["id"] == "cota")["alarms"]
     assert len(open_cota) == 8
     assert metric(bridge, "botonera_flagged_total", flag="prueba_invalido") == 3
 

@@ -48,8 +48,8 @@ def open_alarm(bridge: BridgeProc, token: str = "") -> dict[str, Any]:
         code, body = bridge.http("/api/status", token)
         assert code == 200, body
         for e in json.loads(body)["empresas"]:
-            if e["id"] == "cota" and e["alarmas"]:
-                return e["alarmas"][0]
+            if e["id"] == "cota" and e["alarms"]:
+                return e["alarms"][0]
         return None
 
     return wait_until(find, 10, "the alarm on the board")
@@ -120,7 +120,7 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
 
     # the status page in a real browser: the open alarm's reached / read / taken line
     if os.access(CHROMIUM, os.X_OK):
-        wait_until(lambda: open_alarm(bridge, STATUS_TOKEN).get("leidos") == 1, 5, "read")
+        wait_until(lambda: open_alarm(bridge, STATUS_TOKEN).get("read_by") == 1, 5, "read")
         dom = page_dom(bridge, tmp_path)
         assert 'data-testid="alarm-reach">avisados 2 · leído por 1 · sin atender<' in dom
 
@@ -161,7 +161,7 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     assert data["backend"]["aceptada"] is True
     assert (data["avisados"], data["leidos"]) == (2, 1)
     reach = open_alarm(bridge, STATUS_TOKEN)
-    assert (reach["avisados"], reach["leidos"]) == (2, 1)
+    assert (reach["reached"], reach["read_by"]) == (2, 1)
     # the timeline needs the status token; the webhook does not
     assert bridge.http(f"/api/alarms/{event_id}")[0] == 401
 

@@ -92,13 +92,13 @@ def test_backend_outage_then_all_delivered_in_order(
     assert any(r["status"] == 503 for r in backend.requests())
     # the counter invariant: received = delivered + dead-lettered + in flight + queued
     inv = wait_until(
-        lambda: drained(bridge.status()["invariante"]),
+        lambda: drained(bridge.status()["invariant"]),
         10,
         "both sinks drained",
     )
     for sink in ("backend", "whatsapp"):
-        assert inv[sink]["recibidos"] == 200
-        assert inv[sink]["cumple"] is True, inv
+        assert inv[sink]["received"] == 200
+        assert inv[sink]["holds"] is True, inv
 
 
 BAD_INPUTS = [
@@ -286,7 +286,7 @@ def test_sigint_is_clean_too(bridge_factory):
 
 
 def drained(inv: dict) -> dict | None:
-    return inv if all(r["en_cola_o_en_vuelo"] == 0 for r in inv.values()) else None
+    return inv if all(r["queued_or_in_flight"] == 0 for r in inv.values()) else None
 
 
 def dead_letters(bridge: BridgeProc) -> list[dict]:

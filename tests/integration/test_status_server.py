@@ -39,16 +39,16 @@ XSS = "<img src=x onerror=\"document.title='pwned'\">"
 def sample_snapshot() -> dict[str, Any]:
     return {
         "components": {
-            "mqtt": {"up": True, "detalle": "127.0.0.1:1883"},
-            "redis": {"up": False, "detalle": "connection refused"},
-            "backend": {"up": True, "detalle": ""},
-            "websocket": {"up": True, "detalle": ""},
+            "mqtt": {"up": True, "detail": "127.0.0.1:1883"},
+            "redis": {"up": False, "detail": "connection refused"},
+            "backend": {"up": True, "detail": ""},
+            "websocket": {"up": True, "detail": ""},
         },
         "empresas": [
             {
                 "id": "cota",
-                "nombre": "Cota",
-                "semaforo": {"color": "ROJO", "desde": ago(200)},
+                "name": "Cota",
+                "semaforo": {"color": "ROJO", "since": ago(200)},
                 "devices": [
                     {
                         "key": "cota/principal/p1",
@@ -65,38 +65,38 @@ def sample_snapshot() -> dict[str, Any]:
                         "last_seen": ago(4000),
                     },
                 ],
-                "alarmas": [
+                "alarms": [
                     {
                         "id": "a1",
                         "tipo_alarma": "CRITICA",
                         "descripcion": "Fallo en sistema " + XSS,
-                        "desde": ago(200),
-                        "acuse": None,
+                        "since": ago(200),
+                        "ack": None,
                     },
                     {
                         "id": "a2",
                         "tipo_alarma": "MEDIA",
                         "descripcion": "Puerta abierta",
-                        "desde": ago(900),
-                        "acuse": {"por": "+57******2233", "en": ago(600)},
+                        "since": ago(900),
+                        "ack": {"by": "+57******2233", "at": ago(600)},
                     },
                 ],
             },
             {
                 "id": "tocancipa",
-                "nombre": "Tocancipá",
-                "semaforo": {"color": "AZUL", "desde": ago(7300)},
+                "name": "Tocancipá",
+                "semaforo": {"color": "AZUL", "since": ago(7300)},
                 "devices": [],
-                "alarmas": [],
+                "alarms": [],
             },
             {
                 "id": "funza",
-                "nombre": "Funza",
-                "semaforo": {"color": "morado", "desde": ago(7300)},
+                "name": "Funza",
+                "semaforo": {"color": "morado", "since": ago(7300)},
                 "devices": [],
-                "alarmas": [],
+                "alarms": [],
             },
-            {"id": "madrid", "nombre": "Madrid", "semaforo": None, "devices": [], "alarmas": []},
+            {"id": "madrid", "name": "Madrid", "semaforo": None, "devices": [], "alarms": []},
         ],
         "queues": {"outbox_backend": 3, "outbox_whatsapp": 0, "inbox": 0, "dead": 1},
         "memory_fallback": True,
@@ -198,7 +198,7 @@ async def test_api_status_json() -> None:
         assert data[key] == value
     assert data["ready"] is False
     assert data["reasons"] == ["redis: not connected yet"]
-    assert data["generado_en"].endswith("Z")
+    assert data["generated_at"].endswith("Z")
     assert r.headers["cache-control"] == "no-store"
 
 
@@ -409,27 +409,27 @@ async def test_page_shows_bridge_errors(tmp_path: Path) -> None:
 def reach_snapshot() -> dict[str, Any]:
     snap = sample_snapshot()
     cota = snap["empresas"][0]
-    cota["alarmas"][0] |= {"avisados": 2, "leidos": 1}
-    cota["alarmas"][1] |= {"avisados": 3, "leidos": 2}
+    cota["alarms"][0] |= {"reached": 2, "read_by": 1}
+    cota["alarms"][1] |= {"reached": 3, "read_by": 2}
     snap["empresas"].append(
         {
             "id": "sin_configurar",
-            "nombre": "Empresas sin configurar",
+            "name": "Empresas sin configurar",
             "semaforo": None,
             "devices": [],
-            "alarmas": [
+            "alarms": [
                 {
                     "id": "u1",
                     "empresa": "bogota",
                     "tipo_alarma": "CRITICA",
                     "descripcion": "Sin configurar",
-                    "desde": ago(30),
-                    "acuse": None,
-                    "avisados": 1,
-                    "leidos": 0,
+                    "since": ago(30),
+                    "ack": None,
+                    "reached": 1,
+                    "read_by": 0,
                 }
             ],
-            "alarmas_total": 180,
+            "alarms_total": 180,
         }
     )
     return snap

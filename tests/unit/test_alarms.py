@@ -12,8 +12,9 @@ import trio.testing
 
 from botonera_bridge import alarms
 from botonera_bridge.alarms import AlarmBook
-from botonera_bridge.messages import Event, decode
+from botonera_bridge.messages import Event
 from botonera_bridge.state import HashStore
+from botonera_bridge.topics import decode_mqtt
 
 AFTER = 300.0
 
@@ -33,7 +34,7 @@ def event(
     if tipo == "alarmas":
         obj |= {"tipo_alarma": "CRITICA", "descripcion": "Fallo en sistema"}
     obj |= fields
-    return decode(json.dumps(obj).encode(), topic, time.time_ns(), 65536)[1]
+    return decode_mqtt(json.dumps(obj).encode(), topic, time.time_ns(), 65536)[1]
 
 
 def semaforo(colour: str, **fields: object) -> Event:

@@ -19,9 +19,11 @@ from botonera_bridge.commands import CommandContext, escalate, escalation_loop, 
 from botonera_bridge.config import from_mapping
 from botonera_bridge.errors import MqttError, TransientDelivery
 from botonera_bridge.ids import message_ref
-from botonera_bridge.messages import Event, decode
+from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
+from botonera_bridge.sinks.backend import wire_body
 from botonera_bridge.state import HashStore
+from botonera_bridge.topics import decode_mqtt
 from botonera_bridge.ws_receiver import Inbound
 
 A = "+573001112233"  # cota and funza
@@ -114,7 +116,7 @@ def alarm(empresa: str = "cota", n: int = 1, **fields: object) -> Event:
         "id": n,
     } | fields
     topic = f"empresas/{empresa}/principal"
-    return decode(json.dumps(obj).encode(), topic, time.time_ns(), 65536)[1]
+    return decode_mqtt(json.dumps(obj).encode(), topic, time.time_ns(), 65536)[1]
 
 
 def inbound(sender: str, body: str, n: int = 1, timestamp: int = 1_741_249_700) -> Inbound:
@@ -198,7 +200,7 @@ async def test_estado_one_reply_listing_panels() -> None:
     ctx.book.observe(alarm(n=1))
     ctx.book.observe(alarm(n=2, descripcion="Puerta forzada"))
     ctx.book.observe(
-        decode(
+        decode_mqtt(
             b'{"tipo_mensaje":"semaforos","tipo_alarma":"naranja"}',
             "empresas/cota",
             time.time_ns(),
@@ -274,7 +276,7 @@ async def test_ack_flow(body: str) -> None:
     assert body_obj["empresa"] == "cota"
     assert body_obj["sede"] == "principal"
     assert body_obj["timestamp"].endswith("Z")
-    assert json.loads(acuse.backend_body())["_bridge"]["origen"] == "whatsapp"
+    assert json.loads(wire_body(acuse))["_bridge"]["origen"] == "whatsapp"
 
     assert ctx.book.open_alarms("cota") == []
     assert ctx.book.next_due() is None  # reminders stopped
@@ -502,7 +504,9 @@ async def test_escalation_of_a_semaforo_rojo_and_unknown_empresa(
     ctx, _ = make(fake, clock=trio.current_time)
     t0 = trio.current_time()
     ctx.book.observe(
-        decode(b'{"tipo_mensaje":"semaforos","tipo_alarma":"ROJO"}', "empresas/cota", 1, 65536)[1]
+        decode_mqtt(
+            b'{"tipo_mensaje":"semaforos","tipo_alarma":"ROJO"}', "empresas/cota", 1, 65536
+        )[1]
     )
     ctx.book.observe(alarm("bogota", 5))  # not configured: central only
     await trio.sleep_until(t0 + AFTER)

@@ -7,12 +7,14 @@ import json
 import pytest
 
 from botonera_bridge.errors import InvalidMessage
-from botonera_bridge.messages import Alarma, decode
+from botonera_bridge.messages import Alarma
+from botonera_bridge.sinks.backend import wire_body
+from botonera_bridge.topics import decode_mqtt
 
 
 def dec(raw: bytes | dict[str, object], topic: str = "empresas"):  # noqa: ANN201 - test helper
     payload = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
-    return decode(payload, topic, 0, 65536)
+    return decode_mqtt(payload, topic, 0, 65536)
 
 
 ALARM = {"tipo_mensaje": "alarmas", "empresa": "cota", "tipo_alarma": "CRITICA", "descripcion": "x"}
@@ -44,8 +46,8 @@ def test_odd_alarm_metadata_is_flagged_not_rejected(extra: dict[str, object], fl
     assert flag in event.flags
     assert event.payload == payload  # forwarded unchanged
     assert event.prueba is False  # only a literal true makes a send-test
-    assert "_bridge" in json.loads(event.backend_body())
-    assert flag in json.loads(event.backend_body())["_bridge"]["flags"]
+    assert "_bridge" in json.loads(wire_body(event))
+    assert flag in json.loads(wire_body(event))["_bridge"]["flags"]
 
 
 def test_seq_1e400_and_huge_ints_on_an_alarm() -> None:
@@ -117,7 +119,7 @@ def test_identity_includes_the_payload_digest() -> None:
 def test_backend_body_when_the_panel_sent_its_own_bridge_key() -> None:
     raw = b'{"tipo_mensaje":"alarmas","empresa":"cota","seq":1e400,"_bridge":{"x":1}} '
     _, ev = dec(raw)
-    body = ev.backend_body()
+    body = wire_body(ev)
     assert b"1E+400" in body
     assert json.loads(body)["_bridge"]["flags"] == [
         "seq_invalido",

@@ -19,11 +19,12 @@ from botonera_bridge import alarms
 from botonera_bridge.alarms import UNCONFIGURED, AlarmBook
 from botonera_bridge.commands import CommandContext, escalate, escalation_loop
 from botonera_bridge.config import from_mapping, masked
-from botonera_bridge.messages import Event, decode
+from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.receipts import MAX_RECIPIENTS, Receipt, Timelines
 from botonera_bridge.state import HashStore
 from botonera_bridge.status.model import empresas_view
+from botonera_bridge.topics import decode_mqtt
 from botonera_bridge.webhook import Webhook, parse_body, signature_ok
 from botonera_bridge.ws_receiver import Inbound, parse_event
 
@@ -48,9 +49,9 @@ SETTINGS = from_mapping(
 def alarm(empresa: str = "cota", n: int = 1, **fields: object) -> Event:
     obj = {"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "descripcion": f"Fallo {n}"}
     obj |= {"id": n} | fields
-    return decode(json.dumps(obj).encode(), f"empresas/{empresa}/principal", time.time_ns(), 65536)[
-        1
-    ]
+    return decode_mqtt(
+        json.dumps(obj).encode(), f"empresas/{empresa}/principal", time.time_ns(), 65536
+    )[1]
 
 
 @dataclass
@@ -391,8 +392,8 @@ async def test_many_unconfigured_empresas_share_one_bucket_and_one_digest(
     view = empresas_view(SETTINGS, lambda empresas: [], ctx.book, None)
     block = view[-1]
     assert block["id"] == UNCONFIGURED
-    assert len(block["alarmas"]) <= 50
-    assert block["alarmas"][0]["empresa"] == "nueva2999"  # newest first
+    assert len(block["alarms"]) <= 50
+    assert block["alarms"][0]["empresa"] == "nueva2999"  # newest first
     await trio.sleep_until(t0 + 30 + AFTER)
     escalated = await escalate(ctx, trio.current_time())
     assert escalated > 100

@@ -15,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from botonera_bridge import messages
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
+from botonera_bridge.sinks.backend import wire_body
 from botonera_bridge.state import HashStore
+from botonera_bridge.topics import decode_mqtt
 from botonera_bridge.watchdog import Watchdog
 
 TIMEOUT = 90.0
@@ -37,7 +39,7 @@ def msg(
         obj["sede"] = sede
     if dispositivo:
         obj["dispositivo"] = dispositivo
-    return messages.decode(json.dumps(obj).encode(), "empresas", 0, 65536)[1]
+    return decode_mqtt(json.dumps(obj).encode(), "empresas", 0, 65536)[1]
 
 
 class Recorder:
@@ -140,7 +142,7 @@ async def test_offline_exactly_at_timeout_then_online_on_next_message(autojump_c
             )
             assert (off.empresa, off.sede, off.dispositivo) == ("cota", "principal", "p1")
             assert off.detail == {"status": "offline"}
-            bridge = json.loads(off.backend_body())["_bridge"]
+            bridge = json.loads(wire_body(off))["_bridge"]
             assert bridge["origen"] == "watchdog"
             assert bridge["id"] == off.id
 
@@ -457,8 +459,8 @@ async def test_forget_after(autojump_clock) -> None:
 async def test_supervised_loop_restarts_after_a_bug_and_redeclares(autojump_clock) -> None:
     """The app's supervisor restarts ``loop`` after a bug in emit: the offline transition
     it interrupted is declared again, with the same id, and the watchdog goes on."""
-    from botonera_bridge.app import _supervise
     from botonera_bridge.health import Health
+    from botonera_bridge.lifecycle import supervise
 
     got: list[tuple[float, Event]] = []
     calls = 0
@@ -475,7 +477,7 @@ async def test_supervised_loop_restarts_after_a_bug_and_redeclares(autojump_cloc
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             await wd.load()
-            nursery.start_soon(_supervise, "watchdog", health, wd.loop)
+            nursery.start_soon(supervise, "watchdog", health, wd.loop)
             wd.seen(msg("p1"))
             wd.seen(msg("p2"))
             await sleep_to(5.0)

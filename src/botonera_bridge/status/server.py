@@ -7,7 +7,7 @@ protocol (hypercorn's trio worker fails without it).
     GET /healthz     200 "ok" while the event loop runs (never needs the token)
     GET /readyz      200 {"ready": true} | 503 {"ready": false, "reasons": [...]}
     GET /metrics     Prometheus text exposition
-    GET /api/status  snapshot() + {"ready", "reasons", "generado_en"}
+    GET /api/status  snapshot() + {"ready", "reasons", "generated_at"}
     GET /api/alarms/<event id>   one alarm's timeline (404 when not tracked)
     GET|POST /webhooks/whatsapp  the Cloud API webhook (see :mod:`..webhook`)
     GET /            the status page for people on duty (Spanish)
@@ -222,7 +222,7 @@ class StatusApp:
         data = dict(self._snapshot())
         data["ready"] = not reasons
         data["reasons"] = reasons
-        data["generado_en"] = now_rfc3339(int(self._wall() * 1e9))
+        data["generated_at"] = now_rfc3339(int(self._wall() * 1e9))
         return 200, _encode(data), _JSON, []
 
     def _alarm_timeline(self, event_id: str) -> _Reply:
