@@ -81,6 +81,7 @@ GOODBYE_TIMEOUT: Final = 5.0  # seconds for the offline status + DISCONNECT on c
 MISC_INTERVAL: Final = 1.0  # seconds between loop_misc() calls
 BUFFER_LIMIT: Final = 256  # messages read from the socket but not yet in the channel
 READ_BATCH: Final = 64  # loop_read() calls per wake-up before yielding
+READ_SLICE: Final = 0.005  # seconds of reading per wake-up before yielding
 MAX_INFLIGHT: Final = 20  # our own QoS>0 publishes awaiting PUBACK
 MAX_QUEUED: Final = 1000  # our publishes queued behind those; more raises MqttError
 
@@ -421,9 +422,9 @@ class MqttClient:
         self._taken = self._released = 0  # counted per connection (see quiesce)
         outcome = _Outcome(None, "connection ended", logging.WARNING)
         async with trio.open_nursery() as io:
-            io.start_soon(self._reader, sock)
-            io.start_soon(self._writer, sock)
-            io.start_soon(self._misc)
+            io.start_soon(self._guarded, self._reader, sock)
+            io.start_soon(self._guarded, self._writer, sock)
+            io.start_soon(self._guarded, self._misc)
             failure = await self._handshake(subscribe)
             if failure is None:
                 up_since = trio.current_time()
@@ -574,6 +575,19 @@ class MqttClient:
 
     # ------------------------------------------------------------------- IO tasks
 
+    async def _guarded(self, task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one IO task of a connection; an unexpected error in it (paho, a callback)
+        ends that connection only: ``run`` reconnects and the broker redelivers whatever
+        was not acknowledged, so nothing is lost and nothing is acked twice."""
+        try:
+            await task(*args)
+        except Exception as exc:  # noqa: BLE001 - a bug must not end MQTT intake
+            name = getattr(task, "__name__", "task").strip("_")
+            log.exception("MQTT %s failed; dropping the connection", name)
+            if self._metrics is not None:
+                self._metrics.intake_failures.labels(task=f"mqtt {name}").inc()
+            self._mark_lost(f"internal error in the {name}: {type(exc).__name__}: {exc}")
+
     def _is_current(self, sock: socket.socket) -> bool:
         """Paho still uses ``sock`` and it is open (paho may close it from any call)."""
         return self._client.socket() is sock and sock.fileno() >= 0
@@ -595,13 +609,18 @@ class MqttClient:
                     await trio.lowlevel.checkpoint()  # decrypted bytes already buffered
                 else:
                     await trio.lowlevel.wait_readable(sock)
+                slice_end = time.perf_counter() + READ_SLICE
                 for _ in range(READ_BATCH):
                     before = self._received
                     rc = client.loop_read()
                     if rc != _OK:
                         self._mark_lost(error_string(rc))
                         return
-                    if self._received == before or len(buffer) >= BUFFER_LIMIT:
+                    if (
+                        self._received == before
+                        or len(buffer) >= BUFFER_LIMIT
+                        or time.perf_counter() > slice_end
+                    ):
                         break
                 self._kick()
         except trio.ClosedResourceError:
