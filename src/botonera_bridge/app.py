@@ -30,6 +30,7 @@ from .errors import MqttError, RedisError
 from .health import Health
 from .inbox import GROUP as INBOX_GROUP
 from .inbox import Inbox
+from .malloc import fix_mmap_threshold
 from .messages import Event
 from .metrics import Metrics
 from .mqtt import MqttClient, MqttMessage, open_mqtt
@@ -371,6 +372,7 @@ async def _open_backend_clients(
 
 async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool = True) -> int:
     s = settings
+    fix_mmap_threshold()  # big MQTT payloads go back to the system once freed
     async with AsyncExitStack() as stack:
         stack.callback(gc.unfreeze)  # see _freeze_startup_objects
         redis = await stack.enter_async_context(_maybe_redis(s.redis))

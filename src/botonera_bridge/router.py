@@ -202,6 +202,10 @@ class Router:
     def _accept(self, m: MqttMessage) -> tuple[Event, str] | None:
         """One message: decoded, observed, and its (event, dedup key) when it must be
         delivered; None for a heartbeat (the watchdog consumed it)."""
+        if m.length >= 0:  # mqtt.py cut it already: too large
+            raise InvalidMessage(
+                "too_large", f"payload of {m.length} bytes exceeds {self._max_payload}"
+            )
         msg, event = decode(m.payload, m.topic, m.received_ns, self._max_payload)
         self.metrics.received.labels(tipo=event.tipo).inc()
         if event.empresa and event.empresa not in self._known:
@@ -253,7 +257,7 @@ class Router:
         log.error(
             "rejected MQTT message on %s (%d bytes): %s: %s; dead-lettered",
             escape(m.topic, 200),
-            len(m.payload),
+            m.length if m.length >= 0 else len(m.payload),
             exc.reason,
             escape(exc.detail),
         )
@@ -262,7 +266,10 @@ class Router:
     async def _dead_letter(self, m: MqttMessage, exc: InvalidMessage) -> None:
         # the dead-letter store keeps up to mqtt.max_payload bytes, the length and sha256
         try:
-            await self.outbox.dead.add(exc.reason, exc.detail, payload=m.payload, topic=m.topic)
+            await self.outbox.dead.add(
+                exc.reason, exc.detail, payload=m.payload, topic=m.topic,
+                length=m.length if m.length >= 0 else None, sha256=m.sha256 or None,
+            )  # fmt: skip
         except Exception:  # noqa: BLE001 - logged above; the next message must go on
             log.exception("could not dead-letter the rejected message on %s", escape(m.topic, 200))
 
