@@ -37,6 +37,7 @@ RETRY_STATUS: Final = frozenset({408, 425, 429})
 MAX_INFLIGHT: Final = 5000  # entries read but not yet acknowledged
 READ_BATCH: Final = 200
 ACK_BATCH: Final = 500
+MAX_LANES: Final = 64  # lane tasks at once (backend.concurrency POSTs run among them)
 
 
 class Delivery(Protocol):
@@ -98,6 +99,11 @@ class BackendSink:
         self._raw_headers = [(k.lower().encode(), v.encode()) for k, v in self._headers.items()]
         self._verified: dict[tuple[str, str], tuple[bool, float]] = {}
         self._lanes: dict[str, deque[Entry]] = {}
+        # at most MAX_LANES lane tasks: thousands of empresas would otherwise be thousands
+        # of tasks parked on the limiter, and the GC pauses that scanning them costs
+        self._waiting: deque[str] = deque()  # lanes with entries, not yet given a task
+        self._live = 0  # lane tasks running
+        self._start: Callable[[str], None] = lambda name: None
         self._inflight = 0
         self._room = trio.Event()
         self._limiter = trio.CapacityLimiter(max(1, settings.concurrency))
@@ -115,8 +121,15 @@ class BackendSink:
         self._lanes = {}
         self._inflight = 0
         self._room = trio.Event()
+        self._waiting = deque()
+        self._live = 0
         ack_send, ack_recv = trio.open_memory_channel[tuple[Entry, str]](ACK_BATCH * 4)
         async with trio.open_nursery() as nursery, ack_send:
+
+            def start(name: str) -> None:
+                nursery.start_soon(self._lane, name, self._lanes[name], delivery, ack_send.clone())
+
+            self._start = start
             nursery.start_soon(self._acker, delivery, ack_recv)
             task_status.started()
             while True:
@@ -129,9 +142,11 @@ class BackendSink:
                     lane = self._lanes.get(entry.event.lane)
                     if lane is None:
                         lane = self._lanes[entry.event.lane] = deque()
-                        nursery.start_soon(
-                            self._lane, entry.event.lane, lane, delivery, ack_send.clone()
-                        )
+                        if self._live < MAX_LANES:
+                            self._live += 1
+                            start(entry.event.lane)
+                        else:
+                            self._waiting.append(entry.event.lane)
                     lane.append(entry)
 
     async def _acker(
@@ -185,6 +200,10 @@ class BackendSink:
                 except trio.WouldBlock:
                     await ack_send.send((entry, outcome))
             del self._lanes[name]
+            if self._waiting:  # this task's place goes to the oldest waiting lane
+                self._start(self._waiting.popleft())
+            else:
+                self._live -= 1
 
     async def _deliver(self, entry: Entry) -> str:
         event = entry.event
@@ -200,8 +219,11 @@ class BackendSink:
             try:
                 try:  # a free slot without a scheduler pass: the POST itself checkpoints
                     self._limiter.acquire_nowait()
+                    free = True
                 except trio.WouldBlock:
-                    await self._limiter.acquire()
+                    free = False
+                if not free:  # waited outside the except: no WouldBlock and traceback kept
+                    await self._limiter.acquire()  # alive per waiting lane (GC pauses)
                 try:
                     status = await self._post(body, event.id)
                 finally:
