@@ -15,25 +15,30 @@ CENTRAL = "+573009990000"
 FLOOD = 8000
 AFTER = 4.0  # escalation.after, seconds
 
-# Polls /healthz and /api/status in two threads until SIGTERM, one "path seconds status"
-# line per answer. Its own process: the test's publisher (8,000 messages through paho,
-# holding the GIL) must not be counted as the bridge's latency.
+# Polls /healthz and /api/status in two threads until SIGTERM, one line per answer:
+# path, seconds, status, and the seconds the bridge's event-loop thread spent in that time
+# waiting for a CPU (/proc/<pid>/schedstat, run_delay). Its own process: the test's
+# publisher (8,000 messages through paho, holding the GIL) must not count as latency.
 POLLER = """
 import signal, sys, threading, time, urllib.request
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
 out = threading.Lock()
+def waited():
+    with open(f"/proc/{sys.argv[2]}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
 def loop(path):
     while not stop.is_set():
-        t0 = time.monotonic()
+        w0, t0 = waited(), time.monotonic()
         try:
             with urllib.request.urlopen(sys.argv[1] + path, timeout=5) as resp:
                 resp.read()
                 status = str(resp.status)
         except Exception as exc:
             status = type(exc).__name__
+        took, w = time.monotonic() - t0, waited() - w0
         with out:
-            print(path, time.monotonic() - t0, status, flush=True)
+            print(path, took, status, w, flush=True)
         stop.wait(0.02)
 threads = [threading.Thread(target=loop, args=(p,)) for p in ("/healthz", "/api/status")]
 for t in threads:
@@ -41,19 +46,21 @@ for t in threads:
 for t in threads:
     t.join()
 """
+BOUNDS = {"/healthz": 0.2, "/api/status": 0.5}  # seconds, the issue's
+GUARD = 2.0  # seconds: however loaded the machine (the flood once blocked it for 6 s)
 
 
 class Poller:
     """Ask for /healthz and /api/status again and again, from another process, until the
     block ends; then check every answer against the issue's bounds."""
 
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.timings: dict[str, list[float]] = {"/healthz": [], "/api/status": []}
+    def __init__(self, base: str, pid: int) -> None:
+        self.args = [base, str(pid)]
+        self.timings: dict[str, list[tuple[float, float]]] = {p: [] for p in BOUNDS}
 
     def __enter__(self) -> Poller:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", POLLER, self.base], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", POLLER, *self.args], stdout=subprocess.PIPE, text=True
         )
         return self
 
@@ -62,17 +69,22 @@ class Poller:
         out, _ = self.proc.communicate(timeout=15)
         assert self.proc.returncode == 0, "the poller failed"
         for line in out.splitlines():
-            path, took, status = line.split()
+            path, took, status, waited = line.split()
             assert status == "200", line
-            self.timings[path].append(float(took))
+            self.timings[path].append((float(took), float(waited)))
 
-    def check(self, when: str, *, healthz_max: float = 0.2) -> None:
-        status, healthz = sorted(self.timings["/api/status"]), sorted(self.timings["/healthz"])
-        print(f"{when}: {len(healthz)} polls, slowest /healthz {healthz[-3:]}, "
-              f"/api/status {status[-3:]}")  # fmt: skip
-        assert len(status) >= 10, when
-        assert status[-1] <= 0.5, (when, status[-5:])
-        assert healthz[-1] <= healthz_max, (when, healthz[-5:])
+    def check(self, when: str, *, raw_within_bounds: bool = False) -> None:
+        """Each answer within the issue's bound once the time the bridge could not run,
+        because the machine's CPUs were busy elsewhere, is taken out; raw, within GUARD
+        (or within the bound itself with ``raw_within_bounds``)."""
+        assert len(self.timings["/api/status"]) >= 10, when
+        for path, bound in BOUNDS.items():
+            raw = sorted(t for t, _ in self.timings[path])
+            own = sorted(max(0.0, t - w) for t, w in self.timings[path])
+            print(f"{when}: {len(raw)} polls of {path}, slowest {raw[-3:]}, "
+                  f"without CPU waits {own[-3:]}")  # fmt: skip
+            assert own[-1] <= bound, (when, path, own[-5:])
+            assert raw[-1] <= (bound if raw_within_bounds else GUARD), (when, path, raw[-5:])
 
 
 def test_alarms_from_8000_new_empresas(bridge_factory, backend, publisher):
@@ -80,7 +92,7 @@ def test_alarms_from_8000_new_empresas(bridge_factory, backend, publisher):
         conf={"central": [CENTRAL], "escalation": {"after": AFTER, "max": 2}}
     ).start()
     base = f"http://127.0.0.1:{bridge.status_port}"
-    with Poller(base) as during:  # while the board is being built
+    with Poller(base, bridge.pid) as during:  # while the board is being built
         publisher.publish_all(
             {
                 "tipo_mensaje": "alarmas",
@@ -97,15 +109,11 @@ def test_alarms_from_8000_new_empresas(bridge_factory, backend, publisher):
         backend.wait_for(
             lambda: len(backend.alerts()) >= FLOOD, 120, interval=0.5, what="every alarm"
         )
-    # The issue's /healthz bound while the board is built is 0.2 s. The bridge's own work
-    # per scheduler pass is now <= ~16 ms of CPU (a Trio instrument, 2026-12-08), but on
-    # this 2-core machine shared with other load the slowest of ~200 polls took 0.15-0.39 s
-    # (the bridge not scheduled by the OS): 0.5 s here, 0.2 s asserted after ingestion.
-    during.check("during ingestion", healthz_max=0.5)
+    during.check("during ingestion")
     # the board holds what 8,000 empresas sent, escalation rounds run: status stays cheap
-    with Poller(base) as after:
+    with Poller(base, bridge.pid) as after:
         time.sleep(max(3.0, published + 2 * AFTER + 1 - time.monotonic()))
-    after.check("after ingestion")
+    after.check("after ingestion", raw_within_bounds=True)
 
     snap = bridge.status()
     blocks = {e["id"]: e for e in snap["empresas"]}
