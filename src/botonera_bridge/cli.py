@@ -18,6 +18,7 @@ from . import log as log_mod
 from .config import Settings
 from .errors import BridgeError, ConfigError, MqttError, RedisError
 from .ids import IdentifierError, normalize_id
+from .malloc import fix_mmap_threshold
 from .messages import TIPOS
 
 EXIT_OK: Final = 0
@@ -134,6 +135,7 @@ def _serve(serve: _Serve) -> int:
     """The bridge, until SIGTERM/SIGINT; the exit code."""
     settings = serve.settings
     log_mod.setup(settings.log.level, settings.log.format)
+    fix_mmap_threshold()  # big MQTT payloads go back to the system once freed
     import trio
 
     from .app import run as app_run

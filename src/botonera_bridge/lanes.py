@@ -7,6 +7,11 @@ empty: a burst over a few keys costs a task per key, never a task per item, and 
 idle key costs nothing. (Keeping an idle worker parked for the next item was measured
 in ``bench/lanes.py``: a timed wait costs more than a new task.)
 
+``max_workers`` caps the worker tasks: a lane that gets items while that many run waits
+as data (no parked task) and the first worker whose lane empties takes it over, oldest
+first. Thousands of keys then cost a deque each, not a task each (and the GC scans of
+thousands of parked tasks).
+
 Bounded: at most ``max_pending`` items are held over all lanes (queued or being
 handled). :meth:`Lanes.room` waits until something fits and says how much, so a
 producer reads only what fits and the back-pressure reaches the stream it reads from;
@@ -45,6 +50,7 @@ class LaneStatistics:
     handled: int  # items finished since the run started (failed ones included)
     failed: int  # items whose handler raised (given to on_error)
     workers_started: int  # worker tasks started since the run started
+    waiting: int = 0  # lanes with items waiting for a worker (max_workers reached)
 
 
 class Lanes(Generic[K, T]):
@@ -56,12 +62,16 @@ class Lanes(Generic[K, T]):
         *,
         max_pending: int | None,
         on_error: Callable[[K, T, Exception], object] | None = None,
+        max_workers: int | None = None,
     ) -> None:
         if max_pending is not None and max_pending < 1:
             raise ValueError("max_pending must be at least 1 (or None: unbounded)")
         self._handle = handle
         self._max = max_pending or 0
         self._on_error = on_error
+        self._max_workers = max_workers or 0
+        self._workers = 0
+        self._waiting: deque[K] = deque()  # keys with items and no worker yet
         self._nursery: trio.Nursery | None = None
         self._lanes: dict[K, deque[T]] = {}
         self._pending = 0
@@ -86,6 +96,8 @@ class Lanes(Generic[K, T]):
         self._lanes = {}
         self._pending = 0
         self._handled = self._failed = self._started = 0
+        self._workers = 0
+        self._waiting = deque()
         self._room.set()  # a producer waiting for room in the old run must not hang
 
     # -- producing ----------------------------------------------------------------------
@@ -99,8 +111,12 @@ class Lanes(Generic[K, T]):
             if self._nursery is None:
                 raise RuntimeError("the lanes are not running")
             queue = self._lanes[key] = deque()
-            self._started += 1
-            self._nursery.start_soon(self._worker, key, queue)
+            if self._max_workers and self._workers >= self._max_workers:
+                self._waiting.append(key)  # a worker takes it when its own lane is empty
+            else:
+                self._workers += 1
+                self._started += 1
+                self._nursery.start_soon(self._worker, key, queue)
         queue.append(item)
         self._pending += 1
 
@@ -134,29 +150,36 @@ class Lanes(Generic[K, T]):
             handled=self._handled,
             failed=self._failed,
             workers_started=self._started,
+            waiting=len(self._waiting),
         )
 
     # -- the worker ---------------------------------------------------------------------
 
     async def _worker(self, key: K, queue: deque[T]) -> None:
         handle = self._handle
-        try:
-            while queue:
-                item = queue[0]  # stays queued while handled: counted as pending
-                try:
-                    await handle(key, item)
-                except Exception as exc:
-                    if self._on_error is None:
-                        raise
-                    self._failed += 1
-                    self._on_error(key, item, exc)
-                queue.popleft()
-                self._handled += 1
-                self._pending -= 1
-                if self._max and self._pending < self._max:
-                    self._room.set()
-        finally:
-            # no checkpoint between the last look at the deque and this: a put that came
-            # meanwhile found this lane, and its item was handled above
-            if self._lanes.get(key) is queue:
-                del self._lanes[key]
+        while True:
+            try:
+                while queue:
+                    item = queue[0]  # stays queued while handled: counted as pending
+                    try:
+                        await handle(key, item)
+                    except Exception as exc:
+                        if self._on_error is None:
+                            raise
+                        self._failed += 1
+                        self._on_error(key, item, exc)
+                    queue.popleft()
+                    self._handled += 1
+                    self._pending -= 1
+                    if self._max and self._pending < self._max:
+                        self._room.set()
+            finally:
+                # no checkpoint between the last look at the deque and this: a put that
+                # came meanwhile found this lane, and its item was handled above
+                if self._lanes.get(key) is queue:
+                    del self._lanes[key]
+            if not self._waiting:
+                self._workers -= 1
+                return
+            key = self._waiting.popleft()  # this worker's place goes to the oldest waiting lane
+            queue = self._lanes[key]

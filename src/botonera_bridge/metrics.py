@@ -77,6 +77,13 @@ class Metrics:
             ["source", "reason"],
             registry=r,
         )
+        self.intake_failures = Counter(
+            "botonera_intake_failures",
+            "Unexpected failures inside an intake task (router append, MQTT reader), "
+            "recovered in place",
+            ["task"],
+            registry=r,
+        )
         self.flagged = Counter(
             "botonera_flagged",
             "Events forwarded with a flag (odd metadata kept as is, missing fields)",

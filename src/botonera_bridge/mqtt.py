@@ -12,8 +12,11 @@ three tasks drive paho's "external event loop" API on the socket:
 
 ``on_message`` appends to a bounded buffer that one task drains into the
 caller's channel with ``await send.send()``: when the channel is full the buffer
-fills, the reader stops reading, TCP flow control stops the broker, and the
-broker holds the rest (back-pressure reaches the broker; memory stays bounded).
+fills (BUFFER_LIMIT messages or BUFFER_BYTES of payload), the reader stops
+reading, TCP flow control stops the broker, and the broker holds the rest
+(back-pressure reaches the broker; memory stays bounded). A payload over
+``mqtt.max_payload`` is cut to that size in ``on_message``, its original length
+and sha256 kept on the message: the whole payload is never held past paho's read.
 
 Delivery: QoS 1, persistent session (``clean_session=False``) and paho's
 ``manual_ack``: a PUBACK goes out only when the caller calls :meth:`MqttClient.ack`,
@@ -39,6 +42,7 @@ paho rejects (by ``run``).
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import socket
 import ssl
@@ -80,7 +84,9 @@ HANDSHAKE_TIMEOUT: Final = 10.0  # seconds for CONNACK + SUBACK + PUBACK(online)
 GOODBYE_TIMEOUT: Final = 5.0  # seconds for the offline status + DISCONNECT on close
 MISC_INTERVAL: Final = 1.0  # seconds between loop_misc() calls
 BUFFER_LIMIT: Final = 256  # messages read from the socket but not yet in the channel
+BUFFER_BYTES: Final = 4 << 20  # ... and their payload bytes
 READ_BATCH: Final = 64  # loop_read() calls per wake-up before yielding
+READ_SLICE: Final = 0.005  # seconds of reading per wake-up before yielding
 MAX_INFLIGHT: Final = 20  # our own QoS>0 publishes awaiting PUBACK
 MAX_QUEUED: Final = 1000  # our publishes queued behind those; more raises MqttError
 
@@ -98,6 +104,8 @@ class MqttMessage(NamedTuple):
     generation: int  # the connection it arrived on (see MqttClient.ack)
     received_ns: int  # time.time_ns() when it was read from the socket
     dup: bool = False  # DUP flag: the broker is re-delivering it (we may have it already)
+    length: int = -1  # the original length when ``payload`` was cut to mqtt.max_payload
+    sha256: str = ""  # ... and the original's sha256
 
 
 class MqttStatistics(NamedTuple):
@@ -200,6 +208,8 @@ class MqttClient:
         self._have_msgs = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
         self._buffer: collections.deque[MqttMessage] = collections.deque()
+        self._buffer_bytes = 0  # payload bytes in _buffer
+        self._max_payload = settings.max_payload
         # the receiver's channel while _drain runs and holds no message: on_message hands
         # a message straight to it when nothing is buffered (no hop through _drain)
         self._direct: trio.MemorySendChannel[MqttMessage] | None = None
@@ -417,14 +427,14 @@ class MqttClient:
         self._lost = trio.Event()
         self._lost_reason = ""
         self._connack = None
-        self._buffer.clear()
+        self._clear_buffer()
         self._accepting = True
         self._taken = self._released = 0  # counted per connection (see quiesce)
         outcome = _Outcome(None, "connection ended", logging.WARNING)
         async with trio.open_nursery() as io:
-            io.start_soon(self._reader, sock)
-            io.start_soon(self._writer, sock)
-            io.start_soon(self._misc)
+            io.start_soon(self._guarded, self._reader, sock)
+            io.start_soon(self._guarded, self._writer, sock)
+            io.start_soon(self._guarded, self._misc)
             failure = await self._handshake(subscribe)
             if failure is None:
                 up_since = trio.current_time()
@@ -440,8 +450,7 @@ class MqttClient:
             io.cancel_scope.cancel()
         self._link_up = False
         self._close_socket()
-        self._buffer.clear()  # unacked: the broker redelivers them on the next connection
-        self._space.unpark_all()
+        self._clear_buffer()  # unacked: the broker redelivers them on the next connection
         return outcome
 
     async def _handshake(self, subscribe: bool) -> _Outcome | None:
@@ -575,6 +584,19 @@ class MqttClient:
 
     # ------------------------------------------------------------------- IO tasks
 
+    async def _guarded(self, task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one IO task of a connection; an unexpected error in it (paho, a callback)
+        ends that connection only: ``run`` reconnects and the broker redelivers whatever
+        was not acknowledged, so nothing is lost and nothing is acked twice."""
+        try:
+            await task(*args)
+        except Exception as exc:  # noqa: BLE001 - a bug must not end MQTT intake
+            name = getattr(task, "__name__", "task").strip("_")
+            log.exception("MQTT %s failed; dropping the connection", name)
+            if self._metrics is not None:
+                self._metrics.intake_failures.labels(task=f"mqtt {name}").inc()
+            self._mark_lost(f"internal error in the {name}: {type(exc).__name__}: {exc}")
+
     def _is_current(self, sock: socket.socket) -> bool:
         """Paho still uses ``sock`` and it is open (paho may close it from any call)."""
         return self._client.socket() is sock and sock.fileno() >= 0
@@ -583,12 +605,26 @@ class MqttClient:
         if self._client.want_write():
             self._writable.unpark_all()
 
+    def _full(self) -> bool:
+        return len(self._buffer) >= BUFFER_LIMIT or self._buffer_bytes >= BUFFER_BYTES
+
+    def _take(self) -> MqttMessage:
+        msg = self._buffer.popleft()
+        self._buffer_bytes -= len(msg.payload)
+        if not self._full():
+            self._space.unpark_all()
+        return msg
+
+    def _clear_buffer(self) -> None:
+        self._buffer.clear()
+        self._buffer_bytes = 0
+        self._space.unpark_all()
+
     async def _reader(self, sock: socket.socket) -> None:
         client = self._client
-        buffer = self._buffer
         try:
             while True:
-                while len(buffer) >= BUFFER_LIMIT:
+                while self._full():
                     await self._space.park()
                 if not self._is_current(sock):
                     return  # closed while we were not waiting on it
@@ -596,13 +632,14 @@ class MqttClient:
                     await trio.lowlevel.checkpoint()  # decrypted bytes already buffered
                 else:
                     await trio.lowlevel.wait_readable(sock)
+                slice_end = time.perf_counter() + READ_SLICE
                 for _ in range(READ_BATCH):
                     before = self._received
                     rc = client.loop_read()
                     if rc != _OK:
                         self._mark_lost(error_string(rc))
                         return
-                    if self._received == before or len(buffer) >= BUFFER_LIMIT:
+                    if self._received == before or self._full() or time.perf_counter() > slice_end:
                         break
                 self._kick()
         except trio.ClosedResourceError:
@@ -642,9 +679,7 @@ class MqttClient:
                     self._direct = send
                     await self._have_msgs.park()
                 self._direct = None  # holding messages: order goes through us
-                msg = buffer.popleft()
-                if len(buffer) < BUFFER_LIMIT:
-                    self._space.unpark_all()
+                msg = self._take()
                 if msg.generation != self._generation:
                     continue  # from a dead connection: the broker redelivers it
                 try:
@@ -658,8 +693,7 @@ class MqttClient:
         while True:
             while not self._buffer:
                 await self._have_msgs.park()
-            msg = self._buffer.popleft()
-            self._space.unpark_all()
+            msg = self._take()
             log.debug("dropping message on %r: this MQTT client has no receiver", msg.topic)
             self.ack(msg)
 
@@ -705,10 +739,18 @@ class MqttClient:
             topic = m.topic
         except UnicodeDecodeError:
             topic = bytes(m._topic).decode("utf-8", "replace")
-        payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload)
+        payload = m.payload
+        length, digest = -1, ""
+        if len(payload) > self._max_payload:  # too large: kept cut, with its length and hash
+            length, digest = len(payload), hashlib.sha256(payload).hexdigest()
+            payload = payload[: self._max_payload]
+        m.payload = b""  # paho's copy goes now, not when the message object does
+        if not isinstance(payload, bytes):
+            payload = bytes(payload)
         msg = MqttMessage(
-            topic, payload, m.mid, m.qos, self._generation, time.time_ns(), bool(m.dup)
-        )
+            topic, payload, m.mid, m.qos, self._generation, time.time_ns(), bool(m.dup),
+            length, digest,
+        )  # fmt: skip
         self._received += 1
         self._taken += 1
         direct = self._direct
@@ -721,6 +763,7 @@ class MqttClient:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._direct = None  # _drain finds out and ends
         self._buffer.append(msg)
+        self._buffer_bytes += len(payload)
         self._have_msgs.unpark_all()
 
     def _on_publish(
@@ -769,8 +812,7 @@ class MqttClient:
         if not self._link_up or not isinstance(sock, socket.socket):
             return
         self._accepting = False
-        self._buffer.clear()
-        self._space.unpark_all()
+        self._clear_buffer()
         async with trio.open_nursery() as io:
             io.start_soon(self._reader, sock)
             io.start_soon(self._writer, sock)

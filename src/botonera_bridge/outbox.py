@@ -82,14 +82,18 @@ class DeadLetters:
         topic: str = "",
         event: Event | None = None,
         sink: str = "",
+        length: int | None = None,
+        sha256: str | None = None,
     ) -> None:
+        """``length``, ``sha256``: the original's, when ``payload`` was already cut."""
         if self._metrics is not None:
             self._metrics.dead_letters.labels(reason=reason).inc()
-        length = len(payload)
-        digest = hashlib.sha256(payload).hexdigest()
-        if length > self.max_payload:
+        length = len(payload) if length is None else length
+        digest = hashlib.sha256(payload).hexdigest() if sha256 is None else sha256
+        if len(payload) > self.max_payload:
             payload = payload[: self.max_payload]
-            detail = f"{detail} (payload truncated to {self.max_payload} of {length} bytes)"
+        if length > len(payload):
+            detail = f"{detail} (payload truncated to {len(payload)} of {length} bytes)"
         try:
             text, enc = payload.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:

@@ -7,11 +7,14 @@ when it returns, so a restart after an outage still sees the latest state.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
-from typing import Protocol
+from typing import Final, Protocol
 
 log = logging.getLogger(__name__)
+
+FLUSH_CHUNK: Final = 256  # fields per HSET/HDEL of one flush
 
 
 class HashBackend(Protocol):
@@ -64,20 +67,25 @@ class HashStore:
         if self._backend is None:
             self._unsynced.clear()
             return True
-        if not self._unsynced:
-            return True
-        batch = dict(self._unsynced)
-        sets = {k: v for k, v in batch.items() if v is not None}
-        dels = [k for k, v in batch.items() if v is None]
-        try:
-            if sets:
-                await self._backend.hset(self.key, sets)
-            if dels:
-                await self._backend.hdel(self.key, dels)
-        except Exception as exc:  # noqa: BLE001 - kept for the next flush
-            log.debug("flush of %s deferred: %s", self.key, exc)
-            return False
-        for k, v in batch.items():
-            if self._unsynced.get(k, b"\0sentinel") is v:
-                del self._unsynced[k]
-        return not self._unsynced
+        while self._unsynced:
+            # in chunks: thousands of changed fields encoded in one step would hold the loop
+            batch = dict(itertools.islice(self._unsynced.items(), FLUSH_CHUNK))
+            sets = {k: v for k, v in batch.items() if v is not None}
+            dels = [k for k, v in batch.items() if v is None]
+            try:
+                if sets:
+                    await self._backend.hset(self.key, sets)
+                if dels:
+                    await self._backend.hdel(self.key, dels)
+            except Exception as exc:  # noqa: BLE001 - kept for the next flush
+                log.debug("flush of %s deferred: %s", self.key, exc)
+                return False
+            changed = False
+            for k, v in batch.items():
+                if self._unsynced.get(k, b"\0sentinel") is v:
+                    del self._unsynced[k]
+                else:  # changed while written: left for the next flush
+                    changed = True
+            if changed:
+                return False
+        return True

@@ -179,3 +179,28 @@ async def test_cancelling_the_run_forgets_everything(
     assert not lanes.busy("a")
     assert rec.done == []
     assert await lanes.room() == 2
+
+
+async def test_max_workers_caps_tasks_and_waiting_lanes_go_in_arrival_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder()  # 1 virtual second per item
+    lanes: Lanes[str, int] = Lanes(rec, max_pending=1000, max_workers=2)
+    async with running(lanes):
+        t0 = trio.current_time()
+        for key in ("a", "b", "c", "d"):
+            lanes.put_nowait(key, 0)
+        lanes.put_nowait("c", 1)  # a waiting lane still collects its items in order
+        stats = lanes.statistics()
+        assert stats.workers_started == 2
+        assert stats.waiting == 2
+        while lanes.pending:  # noqa: ASYNC110 - observed from outside
+            await trio.sleep(0.5)
+        stats = lanes.statistics()
+    # a and b first; then c (both items, in order) and d take over the two workers
+    assert sorted((t - t0, k, i) for k, i, t in rec.done) == [
+        (1.0, "a", 0), (1.0, "b", 0), (2.0, "c", 0), (2.0, "d", 0), (3.0, "c", 1),
+    ]  # fmt: skip
+    assert stats.workers_started == 2  # the two workers were reused, never a third
+    assert stats.waiting == 0
+    assert stats.keys == 0
