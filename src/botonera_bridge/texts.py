@@ -19,7 +19,6 @@ from .config import Empresa
 from .ids import fold
 from .messages import Event
 
-
 # Bogotá: Colombia has had no DST since 1993, so UTC-5 is exact, needs no tzdata on slim
 # images, and keeps zoneinfo (0.7 MB) out of idle RSS.
 TZ: Final = dt.timezone(dt.timedelta(hours=-5), "COT")
