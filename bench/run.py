@@ -26,6 +26,12 @@ the median of the ratios is reported):
 Then: idle RSS with the status server on (package and .pyz), the .pyz warm start,
 py-spy profiles of one bridge burst and of the steady mode, and bench/http_clients.py.
 
+Quick before/after of one change: ``--only steady --targets bridge --runs 3`` (the
+500 msg/s phase only) or ``--only idle`` (idle RSS with the status server on, package
+and .pyz); both print medians and write nothing. ``BENCH_BRIDGE_ARGV`` replaces
+``python -m botonera_bridge`` (e.g. ``env PYTHONPATH=old/src python -m botonera_bridge``
+to run an older tree in the same invocation, or a wrapper with a Trio Instrument).
+
 Bounded: every wait has a deadline, and only processes started here are stopped, by PID.
 """
 
