@@ -26,6 +26,12 @@ the median of the ratios is reported):
 Then: idle RSS with the status server on (package and .pyz), the .pyz warm start,
 py-spy profiles of one bridge burst and of the steady mode, and bench/http_clients.py.
 
+Quick before/after of one change: ``--only steady --targets bridge --runs 3`` (the
+500 msg/s phase only) or ``--only idle`` (idle RSS with the status server on, package
+and .pyz); both print medians and write nothing. ``BENCH_BRIDGE_ARGV`` replaces
+``python -m botonera_bridge`` (e.g. ``env PYTHONPATH=old/src python -m botonera_bridge``
+to run an older tree in the same invocation, or a wrapper with a Trio Instrument).
+
 Bounded: every wait has a deadline, and only processes started here are stopped, by PID.
 """
 
@@ -313,6 +319,8 @@ class _Bridge:
 def bridge_target(*, status: bool = False, pyz: bool = False) -> Target:
     name = "bridge" + ("+status" if status else "") + (" (.pyz)" if pyz else "")
     argv = [sys.executable, str(PYZ)] if pyz else None
+    if not pyz and os.environ.get("BENCH_BRIDGE_ARGV"):  # e.g. an instrumented wrapper
+        argv = os.environ["BENCH_BRIDGE_ARGV"].split()
     return Target(
         name,
         "botonera-bridge",
@@ -477,11 +485,12 @@ def run_once(
     profile: tuple[str, Path] | None = None,
     idle_only: bool = False,
     burst_only: bool = False,
+    steady_only: bool = False,
     mosquitto_extra: str = "",
 ) -> RunResult:
     """One full measurement of one target on a fresh broker (and Redis). ``idle_only``: up
-    to the idle RSS; ``profile=(phase, path)``: py-spy over the "burst" or "steady" phase
-    only, then stop."""
+    to the idle RSS; ``steady_only``: only the 500 msg/s phase; ``profile=(phase, path)``:
+    py-spy over the "burst" or "steady" phase only, then stop."""
     mosq = Mosquitto(extra=mosquitto_extra)
     mosq.start()
     redis = Redis(appendonly=True) if target.needs_redis else None
@@ -506,31 +515,32 @@ def run_once(
         rss = RssSampler(proc.pid).__enter__()
         phase = profile[0] if profile else ""
         # burst
-        if phase == "burst":
-            assert profile is not None
-            spy = _spy(proc.pid, profile[1])
-        seqs = range(base, base + BURST)
-        c0 = cpu_s(p)
-        s0 = sink.stats()["cpu_s"]
-        t0 = time.time_ns()
-        pub.burst(seqs)
-        res.burst_pub_rate = BURST / ((time.time_ns() - t0) / 1e9)
-        a = sink.wait_seqs(seqs, DRAIN_TIMEOUT)
-        c1 = cpu_s(p)
-        a.duplicates += sink.late_copies(seqs, 1.0)
-        res.lost += a.lost
-        res.duplicates += a.duplicates
-        res.extra["sink_us"] = (sink.stats()["cpu_s"] - s0) / BURST * 1e6
-        last = max(r for _, r in a.got.values())
-        res.throughput = len(a.got) / ((last - t0) / 1e9)
-        res.cpu_us = (c1 - c0) / BURST * 1e6
-        if spy is not None:
-            _unspy(spy)
-            spy = None
-            return res
-        if burst_only:
-            pub.close()
-            return res
+        if not steady_only:
+            if phase == "burst":
+                assert profile is not None
+                spy = _spy(proc.pid, profile[1])
+            seqs = range(base, base + BURST)
+            c0 = cpu_s(p)
+            s0 = sink.stats()["cpu_s"]
+            t0 = time.time_ns()
+            pub.burst(seqs)
+            res.burst_pub_rate = BURST / ((time.time_ns() - t0) / 1e9)
+            a = sink.wait_seqs(seqs, DRAIN_TIMEOUT)
+            c1 = cpu_s(p)
+            a.duplicates += sink.late_copies(seqs, 1.0)
+            res.lost += a.lost
+            res.duplicates += a.duplicates
+            res.extra["sink_us"] = (sink.stats()["cpu_s"] - s0) / BURST * 1e6
+            last = max(r for _, r in a.got.values())
+            res.throughput = len(a.got) / ((last - t0) / 1e9)
+            res.cpu_us = (c1 - c0) / BURST * 1e6
+            if spy is not None:
+                _unspy(spy)
+                spy = None
+                return res
+            if burst_only:
+                pub.close()
+                return res
         # steady
         if phase == "steady":
             assert profile is not None
@@ -545,9 +555,11 @@ def run_once(
         res.duplicates += a.duplicates
         lat = sorted((r - s) / 1e6 for s, r in a.got.values())
         res.p50, res.p95, res.p99, res.max = (pct(lat, q) for q in (0.50, 0.95, 0.99, 1.0))
-        if spy is not None:
-            _unspy(spy)
-            spy = None
+        if spy is not None or steady_only:
+            if spy is not None:
+                _unspy(spy)
+                spy = None
+            pub.close()
             return res
         # backlog: the broker holds BACKLOG alarms for the stopped target's session
         if not pub.wait_acked(30):
@@ -777,6 +789,43 @@ def http_clients(sink: Sink, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def only(mode: str, wanted: list[str], runs: int) -> int:
+    """A quick before/after for one change: one mode, medians printed, nothing written."""
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bb-bench-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "nodered" in wanted and ensure_node_red():
+        wanted.remove("nodered")
+    if mode == "idle":
+        ensure_pyz()
+        targets = [bridge_target(status=True)] + ([bridge_target(status=True, pyz=True)]
+                                                  if PYZ.exists() else [])
+    else:
+        known = {"bridge": bridge_target(), "nodered": nodered_target(workdir),
+                 "naive": naive_target(workdir)}
+        targets = [known[n] for n in wanted]
+    sink = Sink()
+    try:
+        for t in targets:
+            rs = []
+            for i in range(runs):
+                r = run_once(t, sink, i, idle_only=mode == "idle", steady_only=mode == "steady")
+                rs.append(r)
+                print(f"  {t.name} run {i + 1}: load {r.load:.2f}, idle {r.idle_rss:.1f} MB"
+                      + (f", {r.cpu_steady_us:.0f} µs/msg, p50 {r.p50:.2f} p99 {r.p99:.2f} "
+                         f"max {r.max:.1f} ms, lost {r.lost} dup {r.duplicates}"
+                         if mode == "steady" else ""), flush=True)
+            if mode == "steady":
+                print(f"{t.name}: median {median_of(rs, 'cpu_steady_us'):.0f} µs/msg, p99 "
+                      f"{median_of(rs, 'p99'):.2f} ms, lost {sum(r.lost for r in rs)} dup "
+                      f"{sum(r.duplicates for r in rs)}", flush=True)
+            else:
+                print(f"{t.name}: median idle RSS {median_of(rs, 'idle_rss'):.1f} MB", flush=True)
+    finally:
+        sink.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -785,7 +834,12 @@ def main() -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     ap.add_argument("--no-extras", action="store_true", help="skip status-on idle RSS and .pyz")
     ap.add_argument("--out", default=str(RESULTS / "latest.md"))
+    ap.add_argument("--only", choices=["steady", "idle"],
+                    help="one mode only, printed, no results file: steady = 500 msg/s per "
+                    "target; idle = idle RSS of the bridge with the status server on")
     args = ap.parse_args()
+    if args.only:
+        return only(args.only, [t.strip() for t in args.targets.split(",")], args.runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bb-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ from . import config as config_mod
 from . import log as log_mod
 from .config import Settings
 from .errors import BridgeError, ConfigError, MqttError, RedisError
+from .heap import fix_mmap_threshold
 from .ids import IdentifierError, normalize_id
-from .malloc import fix_mmap_threshold
 from .messages import TIPOS
 
 EXIT_OK: Final = 0

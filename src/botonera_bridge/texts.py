@@ -14,7 +14,6 @@ import datetime as dt
 import math
 import time
 from typing import TYPE_CHECKING, Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .config import Empresa
 from .ids import fold
@@ -23,16 +22,9 @@ from .messages import Event
 if TYPE_CHECKING:
     from .alarms import OpenAlarm
 
-
-def _bogota() -> dt.tzinfo:
-    try:
-        return ZoneInfo("America/Bogota")
-    except (ZoneInfoNotFoundError, ValueError):
-        # Slim images may lack tzdata; Colombia has no DST, so UTC-5 is exact.
-        return dt.timezone(dt.timedelta(hours=-5), "COT")
-
-
-TZ: Final = _bogota()
+# Bogotá: Colombia has had no DST since 1993, so UTC-5 is exact, needs no tzdata on slim
+# images, and keeps zoneinfo (0.7 MB) out of idle RSS.
+TZ: Final = dt.timezone(dt.timedelta(hours=-5), "COT")
 
 #: colour -> (emoji, label)
 SEMAFOROS: Final[dict[str, tuple[str, str]]] = {

@@ -9,8 +9,6 @@ exception message: numbers are always shown through :func:`ids.mask_phone`.
 
 from __future__ import annotations
 
-import email.utils
-import importlib.metadata
 import logging
 import re
 import time
@@ -20,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
-from . import texts
+from . import USER_AGENT, texts
 from .config import WhatsappSettings
 from .errors import PermanentDelivery, TransientDelivery
 from .ids import mask_phone
@@ -94,13 +92,6 @@ class WhatsAppThrottled(TransientDelivery):
         super().__init__(message, sink=SINK, status=status, body=body, retry_after=retry_after)
 
 
-def version() -> str:
-    try:
-        return importlib.metadata.version("botonera-bridge")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
-
-
 def digits(to: str) -> str:
     """'+57 300 111 2233' -> '573001112233'; raises WhatsAppRejected if no number is left."""
     d = re.sub(r"\D", "", to)
@@ -117,6 +108,8 @@ def retry_after(value: str | None) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
+        import email.utils  # rare (an HTTP-date); the email package costs idle RSS
+
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
@@ -308,7 +301,7 @@ async def open_sender(settings: WhatsappSettings) -> AsyncIterator[Sender]:
     if settings.provider == "log":
         yield LogSender()
         return
-    headers = {"User-Agent": f"botonera-bridge/{version()}"}
+    headers = {"User-Agent": USER_AGENT}
     if settings.provider == "cloud":
         headers["Authorization"] = f"Bearer {settings.token}"
     elif settings.token:

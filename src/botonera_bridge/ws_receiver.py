@@ -25,12 +25,15 @@ import math
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final
+from functools import cache
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
 import trio
-import trio_websocket
+
+if TYPE_CHECKING:
+    import trio_websocket
 
 from .backoff import Uniform, delays
 from .errors import ConfigError, InvalidMessage
@@ -60,13 +63,21 @@ _PERSONAL_SUFFIXES: Final = ("@c.us", "@s.whatsapp.net")
 _NOT_A_PERSON: Final = ("@g.us", "@broadcast", "@newsletter")
 _frame_decoder: Final = msgspec.json.Decoder(dict[str, Any])
 
-# What a broken connection to the gateway looks like, from connect to close.
-_TRANSPORT_ERRORS: Final = (
-    OSError,
-    trio.BrokenResourceError,
-    trio_websocket.HandshakeError,
-    trio_websocket.ConnectionClosed,
-)
+
+@cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a broken connection to the gateway looks like, from connect to close.
+
+    trio_websocket is imported on first use, by a receiver that is configured: it and
+    what it imports (importlib.metadata, zipfile, csv) cost 1.3 MB of idle RSS."""
+    import trio_websocket
+
+    return (
+        OSError,
+        trio.BrokenResourceError,
+        trio_websocket.HandshakeError,
+        trio_websocket.ConnectionClosed,
+    )
 
 
 class Inbound(msgspec.Struct, frozen=True):
@@ -288,7 +299,7 @@ async def receive(
         try:
             await session.run(url, health)
             reason = session.end_reason or "connection closed"
-        except _TRANSPORT_ERRORS as exc:
+        except _transport_errors() as exc:
             reason = session.end_reason or _describe(exc)
         except Exception as exc:  # a bug in a session: supervised here, never fatal
             log.exception("gateway session with %s failed", where)
@@ -325,6 +336,8 @@ def _count(metrics: Metrics | None, reason: str) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    import trio_websocket
+
     if isinstance(exc, trio_websocket.ConnectionRejected):
         return f"rejected with HTTP {exc.status_code}"
     if isinstance(exc, trio_websocket.ConnectionTimeout):
@@ -354,9 +367,9 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """
     leaves = _leaves(group)
     if any(isinstance(e, trio.Cancelled) for e in leaves):
-        _, rest = group.split(_TRANSPORT_ERRORS)  # a dying socket during shutdown is no news
+        _, rest = group.split(_transport_errors())  # a dying socket during shutdown is no news
         return rest if rest is not None else group
-    bugs = [e for e in leaves if not isinstance(e, _TRANSPORT_ERRORS)]
+    bugs = [e for e in leaves if not isinstance(e, _transport_errors())]
     return (bugs or leaves)[0]
 
 
@@ -382,12 +395,14 @@ class _Session:
 
     async def run(self, url: str, health: Health | None) -> None:
         """Connect, read until the connection ends, close. Transport failures raise
-        one of ``_TRANSPORT_ERRORS``; the TCP stream is always closed on the way out.
+        one of ``_transport_errors()``; the TCP stream is always closed on the way out.
 
         The stream is opened here rather than by ``open_websocket_url``: trio-websocket
         0.12 leaks the socket when the handshake is rejected or the peer drops the
         TCP connection without a closing handshake (one fd per reconnect attempt).
         """
+        import trio_websocket
+
         parts = urlsplit(url)
         host = parts.hostname or ""
         secure = parts.scheme == "wss"
@@ -420,6 +435,8 @@ class _Session:
         resource: str,
         health: Health | None,
     ) -> None:
+        import trio_websocket
+
         with trio.move_on_after(CONNECT_TIMEOUT) as handshake_scope:
             ws = await trio_websocket.wrap_client_stream(
                 nursery, stream, host_header, resource, max_message_size=MAX_FRAME
@@ -441,6 +458,8 @@ class _Session:
             await ws.aclose()
 
     async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        import trio_websocket
+
         while True:
             try:
                 data = await ws.get_message()
@@ -501,7 +520,7 @@ class _Session:
             with trio.move_on_after(PONG_TIMEOUT) as ping_scope:
                 try:
                     await ws.ping()
-                except _TRANSPORT_ERRORS:
+                except _transport_errors():
                     return  # the reader sees the closed connection too
             alive = self.busy or frames != self.frames or calls != self.calls
             if ping_scope.cancelled_caught and not alive:
