@@ -83,7 +83,7 @@ async def _one_run(
         await trio.sleep(0.1)  # readers waiting: the steady state
         before = counter.trips if counter is not None else 0
         cpu = time.process_time()
-        item_skips = [",".join(skips)] if skips else None
+        item_skips = [frozenset(skips)] if skips else None
         for i in range(n):
             data = b'{"seq":%d,"tipo_mensaje":"alarmas"}' % i
             await stream.append([(data, "")], skips=item_skips)
