@@ -39,6 +39,7 @@ class RedisLink:
         self._went_down = trio.Event()
         self._recovery: list[Callable[[], Awaitable[None]]] = []
         self._on_down: list[Callable[[], None]] = []
+        self._on_change: list[Callable[[], None]] = []
         self.last_error = "not connected yet" if redis else "memory only (redis.url empty)"
         if health is not None and redis is not None:
             health.require("redis")  # /readyz names it while the queues run on memory
@@ -51,6 +52,10 @@ class RedisLink:
     def on_down(self, hook: Callable[[], None]) -> None:
         """Called (synchronously) each time the link goes down."""
         self._on_down.append(hook)
+
+    def on_change(self, hook: Callable[[], None]) -> None:
+        """Called (synchronously) each time ``up`` flips, after the flip."""
+        self._on_change.append(hook)
 
     def down(self, exc: BaseException) -> None:
         self.last_error = str(exc)
@@ -71,6 +76,8 @@ class RedisLink:
         self.changed.set()
         self.changed = trio.Event()
         self._report()
+        for hook in self._on_change:
+            hook()
 
     def _report(self) -> None:
         if self._metrics is not None:

@@ -20,14 +20,11 @@ from .base import Item, Origin, Receipt
 @dataclass(eq=False, slots=True)
 class _Entry:
     seq: int
+    id: str  # str(seq): what readers see and acknowledge
     data: bytes
     done_by: set[str]
     taken_by: set[str] = field(default_factory=set)
     finished: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def id(self) -> str:
-        return str(self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +100,7 @@ class MemoryStream:
         group finished it."""
         assert self.room > 0, "memory stream full: wait_room() first"
         self._seq += 1
-        m = _Entry(self._seq, data, done_by=set(skip))
+        m = _Entry(self._seq, str(self._seq), data, done_by=set(skip))
         self._entries[m.id] = m
         for g in self.groups:
             if g not in m.done_by:

@@ -153,12 +153,12 @@ class RedisStream:
         fence: Fence | None = None,
         *,
         read_through: bool = True,
-    ) -> list[bool]:
-        """Run the append script on (data, dedup key) pairs; returns which were added (a
-        re-delivery whose key was seen is not). ``skips``: per item, the groups that must
-        not see it (empty: none). Raises FencedError when ``fence`` no longer holds its
-        token. ``read_through``: also read the new entries for the groups whose reader
-        waits."""
+    ) -> list[bytes | None]:
+        """Run the append script on (data, dedup key) pairs; returns the new entries' ids
+        (None for a re-delivery whose key was seen: not added). ``skips``: per item, the
+        groups that must not see it (empty: none). Raises FencedError when ``fence`` no
+        longer holds its token. ``read_through``: also read the new entries for the groups
+        whose reader waits."""
         redis = self._redis()
         # groups skipped by every item: not woken (their reader acks them on its next poll)
         unwanted = set(skips[0]).intersection(*skips[1:]) if skips and read_through else set()
@@ -184,6 +184,8 @@ class RedisStream:
         ok = False
         try:
             ids, *replies = await self._run_append(redis, keys, args, items, skips)
+            if not isinstance(ids, list) or len(ids) != len(items):
+                raise RedisError(f"{self.key}: unexpected append script reply {ids!r:.200}")
             for (g, want), reply in zip(reads, replies, strict=True):
                 if isinstance(reply, RedisReplyError):  # NOGROUP: the reader recreates it
                     self._behind[g] = True
@@ -200,7 +202,7 @@ class RedisStream:
                 if not ok:  # read or not, the reader finds out from Redis
                     self._behind[g] = True
                 self._arrived[g].set()
-        return [i is not None for i in ids]
+        return ids
 
     async def _run_append(
         self,

@@ -84,6 +84,7 @@ class DurableStream:
         self.appended = 0  # items this process added (the counter invariant's input)
         self.skipped: dict[str, int] = {}  # of those, how many each group skips (append's skip)
         link.on_recovery(self._on_recovery)
+        link.on_change(self.memory.wake)  # a reader waiting on memory turns to Redis at once
 
     # -- introspection ---------------------------------------------------------------------
     @property
@@ -170,10 +171,11 @@ class DurableStream:
         except RedisError as exc:
             self.link.down(exc)
             return None
-        for ok, skip in zip(added, skips, strict=True):
-            if ok:
+        for entry_id, skip in zip(added, skips, strict=True):
+            if entry_id is not None:  # else a re-delivery the script dropped
                 self.appended += 1
-                self._count_skips(skip)
+                if skip:
+                    self._count_skips(skip)
         return [SAFE] * len(items)
 
     def _put_memory(self, todo: deque[tuple[tuple[bytes, str], Set[str]]]) -> list[Receipt]:
@@ -183,7 +185,8 @@ class DurableStream:
             (data, _), skip = todo.popleft()
             receipts.append(self.memory.put(data, skip))
             self.appended += 1
-            self._count_skips(skip)
+            if skip:
+                self._count_skips(skip)
         self._wake()
         return receipts
 
@@ -230,30 +233,16 @@ class DurableStream:
         ``block_ms``: how long a caught-up reader waits for local appends before it
         checks Redis itself (entries appended by another process)."""
         while True:
-            items = self.memory.take(group, count) or self.redis.take(group, count)
+            items = self.memory.take(group, count)
+            if not items:
+                if self.link.up:  # what is ready in Redis first, then a read there
+                    items = await self.redis.read(group, count, block_ms)
+                else:  # woken when the link flips
+                    items = self.redis.take(group, count) or await self.memory.read(
+                        group, count, block_ms
+                    )
             if items:
                 return items
-            if self.link.up:
-                items = await self.redis.read(group, count, block_ms)
-                if items:
-                    return items
-                continue
-            items = await self._read_memory(group, count, block_ms)
-            if items:
-                return items
-
-    async def _read_memory(self, group: str, count: int, block_ms: int) -> list[Item]:
-        """While the link is down: what memory hands out, or [] once the link changed."""
-        got: list[Item] = []
-        async with trio.open_nursery() as nursery:
-
-            async def read() -> None:
-                got.extend(await self.memory.read(group, count, block_ms))
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(read)
-            nursery.start_soon(_cancel_when_set, self.link.changed, nursery.cancel_scope)
-        return got
 
     async def ack(self, group: str, ids: Sequence[str]) -> None:
         """``group`` finished these items: each goes to the implementation it came from."""
@@ -316,8 +305,3 @@ if TYPE_CHECKING:  # both implementations satisfy the one interface (checked by 
 
     def _implementations(redis: RedisStream, memory: MemoryStream) -> tuple[Stream, Stream]:
         return redis, memory
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
