@@ -346,3 +346,36 @@ async def test_memory_item_moved_while_in_flight_is_read_again_and_its_late_ack_
         assert [i.data for i in b] == [b"m0", b"m1"]
         assert link.up
         n.cancel_scope.cancel()
+
+
+async def test_append_waiting_for_memory_room_when_redis_returns_keeps_the_order(redis_server):
+    """Memory full while Redis is away: the waiting append resumes once the memory items
+    moved into the stream, and every group still reads everything in append order."""
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis, memory_limit=2)
+        await n.start(link.run)
+        redis_server.kill()
+        first = await stream.append([(b"1", ""), (b"2", "")])
+        later: list = []
+        appended = trio.Event()
+
+        async def waiting() -> None:
+            later.extend(await stream.append([(b"3", ""), (b"4", "")]))
+            appended.set()
+
+        n.start_soon(waiting)
+        await trio.sleep(0.2)
+        assert not appended.is_set()
+        redis_server.start()
+        with trio.fail_after(15):
+            await appended.wait()
+        assert link.up
+        assert all(r.safe for r in first)  # moved into the stream
+        for g in GROUPS:
+            got = await _drain(stream, g, 4)
+            assert [i.data for i in got] == [b"1", b"2", b"3", b"4"]
+            await stream.ack(g, [i.id for i in got])
+        with trio.fail_after(5):
+            for r in later:
+                await r.wait()
+        n.cancel_scope.cancel()

@@ -83,7 +83,10 @@ class DurableStream:
         self._lock = trio.Lock()  # one append (or migration) at a time: order is kept
         self.appended = 0  # items this process added (the counter invariant's input)
         self.skipped: dict[str, int] = {}  # of those, how many each group skips (append's skip)
+        # set from the move of memory into Redis until the link's recovery attempt ended
+        self._recovering: trio.Event | None = None
         link.on_recovery(self._on_recovery)
+        link.after_recovery(self._settled)
         link.on_change(self.memory.wake)  # a reader waiting on memory turns to Redis at once
 
     # -- introspection ---------------------------------------------------------------------
@@ -139,15 +142,24 @@ class DurableStream:
                     raise FencedError(f"{self.key}: not appending, session lease {fence.key} lost")
                 todo.extend(zip(fresh, fresh_skips, strict=True))
                 receipts = self._put_memory(todo)
-        while todo:  # memory full: the rest waits for room (not holding the lock)
-            log.warning(
-                "%s memory fallback full (%d items): upstream acknowledgements paused",
-                self.key,
-                self.memory.limit,
-            )
-            await self.memory.wait_room()
+        while todo:  # the rest waits (not holding the lock): for room, or for the recovery
+            if self._recovering is not None:
+                await self._recovering.wait()
+            else:
+                log.warning(
+                    "%s memory fallback full (%d items): upstream acknowledgements paused",
+                    self.key,
+                    self.memory.limit,
+                )
+                await self.memory.wait_room()
             async with _Held(self._lock):
-                receipts += self._put_memory(todo)
+                rest = list(todo)
+                done = await self._append_redis([i for i, _ in rest], [s for _, s in rest], fence)
+                if done is not None:
+                    receipts += done
+                    todo.clear()
+                else:
+                    receipts += self._put_memory(todo)
         for _, key in fresh:
             if key:
                 self._remember(key.removeprefix("?"))
@@ -161,8 +173,9 @@ class DurableStream:
         fence: Fence | None,
     ) -> list[Receipt] | None:
         """Append to the Redis stream (memory leftovers first, to keep the order): the
-        items are safe. None: the link is down, or went down now (the items are not in)."""
-        if not self.link.up:
+        items are safe. None: the link is down, or went down now (the items are not in).
+        Once a recovery moved memory into Redis, appends go there before the link is up."""
+        if not self.link.up and self._recovering is None:
             return None
         try:
             if len(self.memory):
@@ -179,9 +192,11 @@ class DurableStream:
         return [SAFE] * len(items)
 
     def _put_memory(self, todo: deque[tuple[tuple[bytes, str], Set[str]]]) -> list[Receipt]:
-        """Put items into memory, in order, while there is room; ``todo`` keeps the rest."""
+        """Put items into memory, in order, while there is room; ``todo`` keeps the rest.
+        Nothing while a recovery that moved memory into Redis is not settled: put now, an
+        item would be read (memory first) before those moved, and Redis may be up soon."""
         receipts: list[Receipt] = []
-        while todo and self.memory.room:
+        while todo and self.memory.room and self._recovering is None:
             (data, _), skip = todo.popleft()
             receipts.append(self.memory.put(data, skip))
             self.appended += 1
@@ -211,8 +226,15 @@ class DurableStream:
                 await trio.sleep(0.05)
         async with _Held(self._lock):
             await self._migrate_locked()
+            self._recovering = trio.Event()  # appends go to Redis now, never to memory
         await self.redis.resume()
         self._wake()
+
+    def _settled(self) -> None:
+        """The link's recovery attempt ended (up, or down again): appends go on."""
+        if self._recovering is not None:
+            self._recovering.set()
+            self._recovering = None
 
     async def _migrate_locked(self) -> None:
         """Move memory items into the stream, in order; finished groups skip them."""
