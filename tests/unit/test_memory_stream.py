@@ -71,10 +71,10 @@ async def test_moved_items_are_safe_gone_and_their_late_ack_stays_here() -> None
     assert all(r.safe for r in receipts)
     assert (len(mem), mem.inflight("a"), mem.take("a", 10), mem.take("b", 10)) == (0, 0, [], [])
     # the sink finishes what it was handed before the move: not an id of the Redis stream
-    assert mem.holds("a")
+    assert mem.active
     assert mem.owns("a", handed.id)
     await mem.ack("a", [handed.id])
-    assert not mem.holds("a")
+    assert not mem.active
 
 
 async def test_wait_room_until_an_item_is_finished(

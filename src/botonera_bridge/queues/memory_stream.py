@@ -50,6 +50,9 @@ class MemoryStream:
         # handed out, then moved into Redis before the group acknowledged them: their
         # ack has nothing left to do here, and must not reach the Redis stream either
         self._moved: dict[str, set[str]] = {g: set() for g in self.groups}
+        # anything here a reader may take or acknowledge: False is the switch-over's fast
+        # path while Redis is up (a plain attribute: no call per read or ack)
+        self.active = False
         self._wakeup = trio.Event()
         self._room = trio.Event()
 
@@ -66,9 +69,10 @@ class MemoryStream:
     def inflight(self, group: str) -> int:
         return len(self._inflight[group])
 
-    def holds(self, group: str) -> bool:
-        """Whether any ack of ``group`` may be for this memory."""
-        return bool(self._entries or self._inflight[group] or self._moved[group])
+    def _update_active(self) -> None:
+        self.active = (
+            bool(self._entries) or any(self._inflight.values()) or any(self._moved.values())
+        )
 
     def owns(self, group: str, item_id: str) -> bool:
         """Whether ``item_id``, acknowledged by ``group``, is one this memory handed out."""
@@ -102,11 +106,13 @@ class MemoryStream:
         self._seq += 1
         m = _Entry(self._seq, str(self._seq), data, done_by=set(skip))
         self._entries[m.id] = m
+        self.active = True
         for g in self.groups:
             if g not in m.done_by:
                 self._unread[g].append(m)
         if m.done_by.issuperset(self.groups):  # no group wants it: safe at once
             self._finish(m)
+            self._update_active()
         return Receipt(m.finished)
 
     # -- consuming ---------------------------------------------------------------------------
@@ -141,6 +147,7 @@ class MemoryStream:
             m.done_by.add(group)
             if m.done_by.issuperset(self.groups):
                 self._finish(m)
+        self._update_active()
 
     def _finish(self, m: _Entry) -> None:
         self._entries.pop(m.id, None)
@@ -157,6 +164,7 @@ class MemoryStream:
                 self._unread[group].appendleft(m)
         inflight.clear()
         self._moved[group].clear()
+        self._update_active()
         self.wake()
         return released
 
@@ -182,4 +190,5 @@ class MemoryStream:
             for i in gone.intersection(inflight):
                 del inflight[i]
                 self._moved[g].add(i)
+        self._update_active()
         self._room.set()

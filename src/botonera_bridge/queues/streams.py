@@ -80,7 +80,8 @@ class DurableStream:
         )
         self.memory = MemoryStream(key, self.groups, limit=memory_limit)
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._lock = trio.Lock()  # one append (or migration) at a time: order is kept
+        # one append (or migration) at a time: order is kept
+        self._held = _Held(trio.Lock())
         self.appended = 0  # items this process added (the counter invariant's input)
         self.skipped: dict[str, int] = {}  # of those, how many each group skips (append's skip)
         # set from the move of memory into Redis until the link's recovery attempt ended
@@ -124,7 +125,7 @@ class DurableStream:
         fresh: list[tuple[bytes, str]] = []
         fresh_skips: list[Set[str]] = []
         todo: deque[tuple[tuple[bytes, str], Set[str]]] = deque()
-        async with _Held(self._lock):
+        async with self._held:
             for i, (data, key) in enumerate(items):
                 if key.startswith("?") and key[1:] in self._seen:
                     out.append(SAFE)
@@ -152,7 +153,7 @@ class DurableStream:
                     self.memory.limit,
                 )
                 await self.memory.wait_room()
-            async with _Held(self._lock):
+            async with self._held:
                 rest = list(todo)
                 done = await self._append_redis([i for i, _ in rest], [s for _, s in rest], fence)
                 if done is not None:
@@ -178,7 +179,7 @@ class DurableStream:
         if not self.link.up and self._recovering is None:
             return None
         try:
-            if len(self.memory):
+            if self.memory.active:
                 await self._migrate_locked()
             added = await self.redis.append(items, skips if any(skips) else (), fence)
         except RedisError as exc:
@@ -224,7 +225,7 @@ class DurableStream:
             # polled: a rare recovery-time wait on sinks' progress, bounded above
             while self.memory.delivering():  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        async with _Held(self._lock):
+        async with self._held:
             await self._migrate_locked()
             self._recovering = trio.Event()  # appends go to Redis now, never to memory
         await self.redis.resume()
@@ -255,7 +256,7 @@ class DurableStream:
         ``block_ms``: how long a caught-up reader waits for local appends before it
         checks Redis itself (entries appended by another process)."""
         while True:
-            items = self.memory.take(group, count)
+            items = self.memory.take(group, count) if self.memory.active else []
             if not items:
                 if self.link.up:  # what is ready in Redis first, then a read there
                     items = await self.redis.read(group, count, block_ms)
@@ -269,7 +270,7 @@ class DurableStream:
     async def ack(self, group: str, ids: Sequence[str]) -> None:
         """``group`` finished these items: each goes to the implementation it came from."""
         memory = self.memory
-        if not memory.holds(group):  # the usual case: Redis up, nothing in memory
+        if not memory.active:  # the usual case: Redis up, nothing in memory
             await self.redis.ack(group, ids)
             return
         mine: list[str] = []
