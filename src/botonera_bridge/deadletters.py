@@ -15,7 +15,7 @@ from .messages import Event, decode_event
 from .outbox import DeadLetters, Outbox, dead_letter_json, decode_dead
 from .queues.link import RedisLink
 from .queues.redis_client import Redis, open_redis_settings
-from .queues.streams import _entry_list
+from .queues.replies import entry_list
 from .topics import decode_mqtt
 
 PAGE: Final = 100  # entries per XRANGE: a reply stays small however big :dead is
@@ -35,7 +35,7 @@ async def list_dead(settings: Settings, limit: int) -> list[dict[str, Any]]:
         reply = await r.execute(
             "XREVRANGE", f"{settings.redis.prefix}:dead", "+", "-", "COUNT", limit
         )
-    return [dead_letter_json(decode_dead(eid, fields)) for eid, fields in _entry_list(reply)]
+    return [dead_letter_json(decode_dead(eid, fields)) for eid, fields in entry_list(reply)]
 
 
 async def replay(settings: Settings, entry_id: str | None) -> list[tuple[str, bool, str]]:
@@ -72,12 +72,12 @@ async def _entries(
     redis: Redis, key: str, entry_id: str | None
 ) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
     if entry_id:
-        for entry in _entry_list(await redis.execute("XRANGE", key, entry_id, entry_id)):
+        for entry in entry_list(await redis.execute("XRANGE", key, entry_id, entry_id)):
             yield entry
         return
     start = "-"
     while True:
-        page = _entry_list(await redis.execute("XRANGE", key, start, "+", "COUNT", PAGE))
+        page = entry_list(await redis.execute("XRANGE", key, start, "+", "COUNT", PAGE))
         for entry in page:
             yield entry
         if len(page) < PAGE:

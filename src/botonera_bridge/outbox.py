@@ -17,7 +17,7 @@ from .errors import RedisError, RedisReplyError
 from .messages import Event, decode_event, encode_event
 from .metrics import Metrics
 from .queues.link import RedisLink
-from .queues.streams import DurableStream, Fence, Item, Receipt
+from .queues.streams import NO_SKIP, DurableStream, Fence, Item, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,10 @@ class Outbox:
         """Append (event, dedup key) pairs; see DurableStream.append. ``only``: one sink;
         ``fence``: the MQTT session lease they were received under (ha.py). A sink whose
         ``needed_by`` predicate says no skips the event (counted as skipped)."""
-        others = tuple(g for g in GROUPS if g != only) if only else ()
+        others = frozenset(g for g in GROUPS if g != only) if only else NO_SKIP
         needs = self.needed_by
         skips = [
-            ",".join(g for g in GROUPS if g in others or (g in needs and not needs[g](e)))
+            others.union(g for g, need in needs.items() if not need(e)) if needs else others
             for e, _ in events
         ]
         before = dict(self.stream.skipped)

@@ -8,7 +8,7 @@ from botonera_bridge.errors import RedisError
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.queues.link import RedisLink
 from botonera_bridge.queues.redis_client import open_redis
-from botonera_bridge.queues.streams import MAX_DELIVERIES, DurableStream
+from botonera_bridge.queues.streams import MAX_DELIVERIES, DurableStream, Origin
 
 GROUPS = ("a", "b")
 
@@ -271,7 +271,7 @@ async def test_group_every_item_skips_is_not_woken_and_acks_them_later(redis_ser
 
         n.start_soon(reader)
         await trio.sleep(0.1)
-        await stream.append([(f"s{i}".encode(), "") for i in range(5)], skips=["b"] * 5)
+        await stream.append([(f"s{i}".encode(), "") for i in range(5)], skips=[{"b"}] * 5)
         assert stream.skipped == {"b": 5}
         await trio.sleep(0.1)
         assert got == []
@@ -311,4 +311,71 @@ async def test_release_re_reads_own_pending_at_once_but_not_deferred_acks(redis_
         await trio.sleep(0.1)  # ACK_DELAY later the deferred ack went out
         pending = await redis.execute("XPENDING", "t:stream", "a", "-", "+", 10)
         assert [p[0].decode() for p in pending] == [again[0].id]
+        n.cancel_scope.cancel()
+
+
+async def test_memory_item_moved_while_in_flight_is_read_again_and_its_late_ack_stays_local(
+    redis_server,
+):
+    """An item a group still holds when Redis returns is moved too (after MIGRATION_WAIT),
+    without that group in its skips: the group reads the stream copy again. Its late ack
+    of the memory item finishes nothing in Redis and sends no command there."""
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis)
+        await n.start(link.run)
+        redis_server.kill()
+        await stream.append([(b"m0", ""), (b"m1", "")])
+        assert not link.up
+        held = await _drain(stream, "a", 2)
+        assert [(i.data, i.origin) for i in held] == [
+            (b"m0", Origin.MEMORY),
+            (b"m1", Origin.MEMORY),
+        ]
+        await stream.ack("a", [held[0].id])  # m1 stays in flight across the recovery
+        redis_server.start()
+        with trio.fail_after(15):
+            while not link.up:
+                await link.changed.wait()
+        assert stream.memory_items == 0
+        before = (await _commands(redis)).get("xack", 0)
+        await stream.ack("a", [held[1].id])
+        assert (await _commands(redis)).get("xack", 0) == before  # nothing for a memory id
+        again = await _drain(stream, "a", 1)
+        assert [(i.data, i.origin) for i in again] == [(b"m1", Origin.REDIS)]
+        b = await _drain(stream, "b", 2)
+        assert [i.data for i in b] == [b"m0", b"m1"]
+        assert link.up
+        n.cancel_scope.cancel()
+
+
+async def test_append_waiting_for_memory_room_when_redis_returns_keeps_the_order(redis_server):
+    """Memory full while Redis is away: the waiting append resumes once the memory items
+    moved into the stream, and every group still reads everything in append order."""
+    async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
+        link, stream = await _stream(redis, memory_limit=2)
+        await n.start(link.run)
+        redis_server.kill()
+        first = await stream.append([(b"1", ""), (b"2", "")])
+        later: list = []
+        appended = trio.Event()
+
+        async def waiting() -> None:
+            later.extend(await stream.append([(b"3", ""), (b"4", "")]))
+            appended.set()
+
+        n.start_soon(waiting)
+        await trio.sleep(0.2)
+        assert not appended.is_set()
+        redis_server.start()
+        with trio.fail_after(15):
+            await appended.wait()
+        assert link.up
+        assert all(r.safe for r in first)  # moved into the stream
+        for g in GROUPS:
+            got = await _drain(stream, g, 4)
+            assert [i.data for i in got] == [b"1", b"2", b"3", b"4"]
+            await stream.ack(g, [i.id for i in got])
+        with trio.fail_after(5):
+            for r in later:
+                await r.wait()
         n.cancel_scope.cancel()

@@ -39,6 +39,9 @@ class RedisLink:
         self._went_down = trio.Event()
         self._recovery: list[Callable[[], Awaitable[None]]] = []
         self._on_down: list[Callable[[], None]] = []
+        self._on_change: list[Callable[[], None]] = []
+        self._after_recovery: list[Callable[[], None]] = []
+        self._hook_error = ""  # the last recovery hook failure logged
         self.last_error = "not connected yet" if redis else "memory only (redis.url empty)"
         if health is not None and redis is not None:
             health.require("redis")  # /readyz names it while the queues run on memory
@@ -51,6 +54,14 @@ class RedisLink:
     def on_down(self, hook: Callable[[], None]) -> None:
         """Called (synchronously) each time the link goes down."""
         self._on_down.append(hook)
+
+    def after_recovery(self, hook: Callable[[], None]) -> None:
+        """Called (synchronously) after each recovery attempt, successful or not."""
+        self._after_recovery.append(hook)
+
+    def on_change(self, hook: Callable[[], None]) -> None:
+        """Called (synchronously) each time ``up`` flips, after the flip."""
+        self._on_change.append(hook)
 
     def down(self, exc: BaseException) -> None:
         self.last_error = str(exc)
@@ -71,6 +82,8 @@ class RedisLink:
         self.changed.set()
         self.changed = trio.Event()
         self._report()
+        for hook in self._on_change:
+            hook()
 
     def _report(self) -> None:
         if self._metrics is not None:
@@ -82,12 +95,23 @@ class RedisLink:
 
     async def _recover(self) -> None:
         assert self.redis is not None
-        await self.redis.execute("PING")
-        for hook in self._recovery:
-            await hook()
-        self.up = True
-        self.last_error = ""
-        self._flip()
+        try:
+            await self.redis.execute("PING")
+            try:
+                for hook in self._recovery:
+                    await hook()
+            except RedisError as exc:  # Redis answers, yet refuses the move back: say so, once
+                if str(exc) != self._hook_error:
+                    self._hook_error = str(exc)
+                    log.warning("Redis answers, but moving memory queues back failed (%s)", exc)
+                raise
+            self._hook_error = ""
+            self.up = True
+            self.last_error = ""
+            self._flip()
+        finally:
+            for settled in self._after_recovery:
+                settled()
 
     async def connect(self) -> None:
         """For short-lived tools: require Redis now (raises RedisError), no fallback."""
