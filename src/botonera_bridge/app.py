@@ -11,15 +11,14 @@ explicit inputs, start the tasks, and stop in two phases on SIGTERM/SIGINT.
     ws receiver ─┬─append─▶ inbox stream ─▶ inbox.run lanes ─▶ commands.handle
     webhook ─────┘                                     ├─▶ whatsapp sink.post (replies)
     (receipts ─▶ timelines)                            └─▶ mqtt publish comandos/<empresa>
-    escalation_loop ─▶ whatsapp sink.post;   status model ◀─ health, outbox, inbox, book
-    book.run: the alarm board (and timelines) written through to Redis once a second
+    escalation_loop ─▶ whatsapp sink.post;  book.run ─▶ Redis (board);  status model ◀─ all
 
 ``nursery.start`` where what follows needs the task ready: the Redis link (connected or
 on the memory fallback), the HA lease loop, the receipts publisher (before any sink runs),
 the status listener, the intake (WebSocket connected; router ready before MQTT is read).
 ``start_soon`` for the rest, which nothing waits on: the signal handler, systemd's
 notifier, and the workers that consume a queue or a clock (watchdog, stream maintenance,
-gauges, both sinks, inbox lanes, webhook, escalation), each under
+gauges, both sinks, inbox lanes, webhook, escalation, alarm book), each under
 :func:`lifecycle.supervise`, which restarts it after a bug (its queue holds the work).
 """
 
@@ -34,34 +33,35 @@ from typing import Final
 
 import trio
 
-from . import USER_AGENT, texts
-from .alarms import AlarmBook
-from .commands import CommandContext, escalation_loop, handle
+from . import USER_AGENT
 from .config import Live, RedisSettings, Settings
 from .health import Health
-from .inbox import GROUP as INBOX_GROUP
-from .inbox import Inbox
+from .inbound.commands import CommandContext, escalation_loop, handle
+from .inbound.inbox import GROUP as INBOX_GROUP
+from .inbound.inbox import Inbox
+from .inbound.webhook import Webhook
+from .inbound.ws_receiver import receive
+from .intake.mqtt import MqttClient, MqttMessage, open_mqtt
+from .intake.router import Router
 from .lifecycle import announce, freeze_startup_objects, shutdown_on_signal, supervise
 from .messages import Event
 from .metrics import Metrics
-from .mqtt import MqttClient, MqttMessage, open_mqtt
-from .outbox import DeadLetters, Outbox, whatsapp_needs
 from .queues.hashes import RedisHashes
 from .queues.link import RedisLink
+from .queues.outbox import DeadLetters, Outbox, whatsapp_needs
 from .queues.redis_client import Redis, open_redis_settings
+from .queues.state import HashStore
 from .queues.streams import DurableStream, Fence
-from .receipts import Receipt, Timelines
-from .router import Router
-from .sdnotify import notify_loop
 from .sendtest import RECEIPT_BUFFER, Finished, publish_receipts, receipt_due
+from .sinks import texts
 from .sinks.backend import BackendSink, open_backend_clients
 from .sinks.whatsapp import WhatsAppSink
-from .state import HashStore
+from .sinks.whatsapp_api import open_sender
 from .status.model import StatusModel
-from .watchdog import Watchdog, inventory
-from .webhook import Webhook
-from .whatsapp_api import open_sender
-from .ws_receiver import receive
+from .status.sdnotify import notify_loop
+from .watch.alarms import AlarmBook
+from .watch.receipts import Receipt, Timelines
+from .watch.watchdog import Watchdog, inventory
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ async def run(settings: Settings, *, mqtt_enabled: bool = True, ws_enabled: bool
                                    on_result=timelines.backend_result)  # fmt: skip
         replicas = None
         if s.ha.enabled and redis is not None:
-            from .ha import Replicas, take_over
+            from .intake.ha import Replicas, take_over
 
             on_takeover = partial(take_over, streams=(outbox.stream, inbox_stream), book=book,
                                   alarms=alarms, timelines=timelines)  # fmt: skip

@@ -19,7 +19,7 @@ from .metrics import Metrics
 from .queues.streams import DurableStream
 from .redact import mask_url
 from .reload import reload
-from .sdnotify import stopping
+from .status.sdnotify import stopping
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import msgspec
 import trio
 
 from .errors import MqttError
+from .intake.mqtt import MqttClient
+from .intake.topics import RECEIPT_TOPIC, decode_mqtt
 from .messages import Event
-from .mqtt import MqttClient
-from .topics import RECEIPT_TOPIC, decode_mqtt
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ import trio
 
 from botonera_bridge.config import MqttSettings, Settings
 from botonera_bridge.health import Health
+from botonera_bridge.intake.mqtt import MqttClient, MqttMessage, open_mqtt
+from botonera_bridge.intake.router import Router
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.mqtt import MqttClient, MqttMessage, open_mqtt
-from botonera_bridge.outbox import DeadLetters, Outbox
 from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.outbox import DeadLetters, Outbox
 from botonera_bridge.queues.redis_client import open_redis
 from botonera_bridge.queues.streams import Fence, Receipt
-from botonera_bridge.router import Router
 from tests.support.bridge import Publisher
 
 

@@ -16,13 +16,13 @@ import trio
 from botonera_bridge import USER_AGENT
 from botonera_bridge.config import BackendSettings
 from botonera_bridge.health import Health
+from botonera_bridge.intake.topics import decode_mqtt
 from botonera_bridge.lifecycle import supervise
-from botonera_bridge.outbox import DeadLetters, Entry, Outbox
 from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.outbox import DeadLetters, Entry, Outbox
 from botonera_bridge.queues.redis_client import open_redis
 from botonera_bridge.sinks.backend import BackendSink
 from botonera_bridge.sinks.http11 import open_pool
-from botonera_bridge.topics import decode_mqtt
 from tests.support.backend import Backend
 
 

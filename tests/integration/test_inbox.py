@@ -12,13 +12,13 @@ import pytest
 import trio
 from tests.support.procs import Redis as RedisProc
 
-from botonera_bridge.inbox import GROUP, Inbox
+from botonera_bridge.inbound.inbox import GROUP, Inbox
+from botonera_bridge.inbound.ws_receiver import Inbound
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.outbox import DeadLetters
 from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.outbox import DeadLetters
 from botonera_bridge.queues.redis_client import Redis, open_redis
 from botonera_bridge.queues.streams import DurableStream
-from botonera_bridge.ws_receiver import Inbound
 
 A = "+573001112233"
 B = "+573004445566"
@@ -142,11 +142,11 @@ async def test_timelines_persist_in_redis_with_the_alarm_board(make_redis) -> No
     import json
     import time
 
-    from botonera_bridge.alarms import AlarmBook
+    from botonera_bridge.intake.topics import decode_mqtt
     from botonera_bridge.queues.hashes import RedisHashes
-    from botonera_bridge.receipts import Receipt, Timelines
-    from botonera_bridge.state import HashStore
-    from botonera_bridge.topics import decode_mqtt
+    from botonera_bridge.queues.state import HashStore
+    from botonera_bridge.watch.alarms import AlarmBook
+    from botonera_bridge.watch.receipts import Receipt, Timelines
 
     server: RedisProc = make_redis()
     payload = json.dumps({"tipo_mensaje": "alarmas", "tipo_alarma": "CRITICA", "id": 7}).encode()

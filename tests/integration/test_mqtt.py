@@ -27,8 +27,7 @@ from tests.support.procs import Mosquitto
 from botonera_bridge.config import MqttSettings
 from botonera_bridge.errors import MqttError
 from botonera_bridge.health import Health
-from botonera_bridge.metrics import Metrics
-from botonera_bridge.mqtt import (
+from botonera_bridge.intake.mqtt import (
     BUFFER_LIMIT,
     READ_BATCH,
     STATUS_TOPIC,
@@ -36,6 +35,7 @@ from botonera_bridge.mqtt import (
     MqttMessage,
     open_mqtt,
 )
+from botonera_bridge.metrics import Metrics
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -289,7 +289,7 @@ LWT_CHILD = textwrap.dedent(
     """
     import sys, trio, msgspec
     from botonera_bridge.config import MqttSettings
-    from botonera_bridge.mqtt import open_mqtt
+    from botonera_bridge.intake.mqtt import open_mqtt
 
     async def main():
         s = msgspec.convert(

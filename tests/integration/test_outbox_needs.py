@@ -6,8 +6,8 @@ import trio
 
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.outbox import DeadLetters, Outbox, whatsapp_needs
 from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.outbox import DeadLetters, Outbox, whatsapp_needs
 from botonera_bridge.queues.redis_client import open_redis
 
 

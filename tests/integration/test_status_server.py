@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from botonera_bridge.health import Health
 from botonera_bridge.messages import now_rfc3339
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.status import serve_status
+from botonera_bridge.status.server import serve_status
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -231,7 +231,7 @@ async def test_webhook_and_alarm_routes() -> None:
     import hashlib
     import hmac
 
-    from botonera_bridge.webhook import MAX_BODY, Webhook
+    from botonera_bridge.inbound.webhook import MAX_BODY, Webhook
 
     hook = Webhook(app_secret="s3", verify_token="vt")  # noqa: S106 - test values
     timelines = {"ev1": {"id": "ev1", "avisados": 1}}

@@ -17,7 +17,7 @@ from botonera_bridge.config import Settings, from_mapping
 from botonera_bridge.errors import TransientDelivery
 from botonera_bridge.messages import Event
 from botonera_bridge.sinks.whatsapp import WhatsAppSink
-from botonera_bridge.whatsapp_api import Sender, WhatsAppRejected, open_sender
+from botonera_bridge.sinks.whatsapp_api import Sender, WhatsAppRejected, open_sender
 
 NUMBER = "+573001112233"
 DIGITS = "573001112233"

@@ -19,11 +19,11 @@ import trio
 from tests.servers.gateway import Gateway, open_gateway
 from tests.support.procs import free_port
 
-from botonera_bridge import ws_receiver
 from botonera_bridge.errors import ConfigError
 from botonera_bridge.health import Health
+from botonera_bridge.inbound import ws_receiver
+from botonera_bridge.inbound.ws_receiver import Inbound, receive
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.ws_receiver import Inbound, receive
 
 DELAY = 0.2  # reconnect_delay, seconds
 CEILING = 15.0  # seconds per test

@@ -10,11 +10,11 @@ import pytest
 import trio
 import trio.testing
 
-from botonera_bridge import alarms
-from botonera_bridge.alarms import AlarmBook
+from botonera_bridge.intake.topics import decode_mqtt
 from botonera_bridge.messages import Event
-from botonera_bridge.state import HashStore
-from botonera_bridge.topics import decode_mqtt
+from botonera_bridge.queues.state import HashStore
+from botonera_bridge.watch import alarms
+from botonera_bridge.watch.alarms import AlarmBook
 
 AFTER = 300.0
 

@@ -13,18 +13,18 @@ import pytest
 import trio
 import trio.testing
 
-from botonera_bridge import commands
-from botonera_bridge.alarms import AlarmBook
-from botonera_bridge.commands import CommandContext, escalate, escalation_loop, handle
 from botonera_bridge.config import from_mapping
 from botonera_bridge.errors import MqttError, TransientDelivery
 from botonera_bridge.ids import message_ref
+from botonera_bridge.inbound import commands
+from botonera_bridge.inbound.commands import CommandContext, escalate, escalation_loop, handle
+from botonera_bridge.inbound.ws_receiver import Inbound
+from botonera_bridge.intake.topics import decode_mqtt
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
+from botonera_bridge.queues.state import HashStore
 from botonera_bridge.sinks.backend import wire_body
-from botonera_bridge.state import HashStore
-from botonera_bridge.topics import decode_mqtt
-from botonera_bridge.ws_receiver import Inbound
+from botonera_bridge.watch.alarms import AlarmBook
 
 A = "+573001112233"  # cota and funza
 B = "+573004445566"  # cota
@@ -131,7 +131,7 @@ async def test_strangers_get_no_reply_and_are_counted(caplog: pytest.LogCaptureF
     ctx, fake = make()
     metrics = Metrics()
     ctx.book.observe(alarm())
-    caplog.set_level(logging.INFO, logger="botonera_bridge.commands")
+    caplog.set_level(logging.INFO, logger="botonera_bridge.inbound.commands")
     for body in ("ESTADO", "ACK", "semaforo rojo", "hola"):
         await handle(ctx, inbound(STRANGER, body), metrics=metrics)
     assert fake.sent == []

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from botonera_bridge.errors import InvalidMessage
-from botonera_bridge.ws_receiver import Inbound, parse_frame, reconnect_delays, safe_url
+from botonera_bridge.inbound.ws_receiver import Inbound, parse_frame, reconnect_delays, safe_url
 
 # /work/shared/samples/waha-events.jsonl, verbatim, one line each
 SAMPLES = [

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from botonera_bridge import router as router_mod
 from botonera_bridge.config import Settings
+from botonera_bridge.intake import router as router_mod
+from botonera_bridge.intake.router import Router
 from botonera_bridge.messages import decode
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.router import Router
-from botonera_bridge.state import FLUSH_CHUNK, HashStore
+from botonera_bridge.queues.state import FLUSH_CHUNK, HashStore
 
 
 class RecordingHashes:
@@ -56,7 +56,7 @@ def test_unconfigured_empresas_logged_a_few_then_summarised(
     router = Router(Settings(), None, metrics=Metrics(), observers=[])  # type: ignore[arg-type]
     now = [1000.0]
     monkeypatch.setattr(router_mod.time, "monotonic", lambda: now[0])
-    caplog.set_level(logging.WARNING, "botonera_bridge.router")
+    caplog.set_level(logging.WARNING, "botonera_bridge.intake.router")
     for n in range(50):
         payload = json.dumps({"tipo_mensaje": "alarmas", "empresa": f"nueva{n}"}).encode()
         router._warn_unknown(decode(payload, "empresas", time.time_ns(), 65536)[1])

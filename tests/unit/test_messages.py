@@ -7,9 +7,9 @@ import json
 import pytest
 
 from botonera_bridge.errors import InvalidMessage
+from botonera_bridge.intake.topics import decode_mqtt
 from botonera_bridge.messages import Alarma
 from botonera_bridge.sinks.backend import wire_body
-from botonera_bridge.topics import decode_mqtt
 
 
 def dec(raw: bytes | dict[str, object], topic: str = "empresas"):  # noqa: ANN201 - test helper

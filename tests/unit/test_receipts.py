@@ -15,18 +15,18 @@ import pytest
 import trio
 import trio.testing
 
-from botonera_bridge import alarms
-from botonera_bridge.alarms import UNCONFIGURED, AlarmBook
-from botonera_bridge.commands import CommandContext, escalate, escalation_loop
 from botonera_bridge.config import from_mapping, masked
+from botonera_bridge.inbound.commands import CommandContext, escalate, escalation_loop
+from botonera_bridge.inbound.webhook import Webhook, parse_body, signature_ok
+from botonera_bridge.inbound.ws_receiver import Inbound, parse_event
+from botonera_bridge.intake.topics import decode_mqtt
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.receipts import MAX_RECIPIENTS, Receipt, Timelines
-from botonera_bridge.state import HashStore
+from botonera_bridge.queues.state import HashStore
 from botonera_bridge.status.model import empresas_view
-from botonera_bridge.topics import decode_mqtt
-from botonera_bridge.webhook import Webhook, parse_body, signature_ok
-from botonera_bridge.ws_receiver import Inbound, parse_event
+from botonera_bridge.watch import alarms
+from botonera_bridge.watch.alarms import UNCONFIGURED, AlarmBook
+from botonera_bridge.watch.receipts import MAX_RECIPIENTS, Receipt, Timelines
 
 SAMPLES = Path("/work/shared/samples")
 A = "+573001112233"

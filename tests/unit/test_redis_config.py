@@ -12,8 +12,8 @@ import pytest
 from botonera_bridge.config import from_mapping
 from botonera_bridge.errors import ConfigError, RedisError, RedisReplyError
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.outbox import MEMORY_DEAD_BYTES, DeadLetters
 from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.outbox import MEMORY_DEAD_BYTES, DeadLetters
 from botonera_bridge.queues.redis_client import Redis, cause
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from botonera_bridge import sdnotify
 from botonera_bridge.health import Health
+from botonera_bridge.status import sdnotify
 
 
 async def recv_all(sock: trio.socket.SocketType, seconds: float) -> list[str]:

@@ -8,18 +8,18 @@ from typing import Any
 
 import trio
 
-from botonera_bridge.alarms import AlarmBook
 from botonera_bridge.config import from_mapping
 from botonera_bridge.health import Health
+from botonera_bridge.intake.topics import decode_mqtt
 from botonera_bridge.metrics import Metrics
-from botonera_bridge.outbox import DeadLetters, Outbox
 from botonera_bridge.queues.link import RedisLink
+from botonera_bridge.queues.outbox import DeadLetters, Outbox
+from botonera_bridge.queues.state import HashStore
 from botonera_bridge.queues.streams import DurableStream
-from botonera_bridge.receipts import Timelines
-from botonera_bridge.state import HashStore
 from botonera_bridge.status.model import StatusModel
-from botonera_bridge.topics import decode_mqtt
-from botonera_bridge.watchdog import Watchdog
+from botonera_bridge.watch.alarms import AlarmBook
+from botonera_bridge.watch.receipts import Timelines
+from botonera_bridge.watch.watchdog import Watchdog
 
 SETTINGS = from_mapping({"empresas": [{"id": "cota", "nombre": "Cota"}]})
 # values may be Spanish (vocabulary), keys may not

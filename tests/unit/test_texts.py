@@ -7,12 +7,12 @@ import logging
 
 import pytest
 
-from botonera_bridge import texts
-from botonera_bridge.alarms import OpenAlarm
 from botonera_bridge.config import Empresa
 from botonera_bridge.ids import mask_phone
 from botonera_bridge.messages import Event
-from botonera_bridge.whatsapp_api import LogSender
+from botonera_bridge.sinks import texts
+from botonera_bridge.sinks.whatsapp_api import LogSender
+from botonera_bridge.watch.alarms import OpenAlarm
 
 # 2024-05-02 19:32:10 UTC == 14:32 in Bogota (UTC-5, no DST)
 T_NS = int(dt.datetime(2024, 5, 2, 19, 32, 10, tzinfo=dt.UTC).timestamp() * 1e9)

@@ -13,12 +13,12 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from botonera_bridge import messages
+from botonera_bridge.intake.topics import decode_mqtt
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
+from botonera_bridge.queues.state import HashStore
 from botonera_bridge.sinks.backend import wire_body
-from botonera_bridge.state import HashStore
-from botonera_bridge.topics import decode_mqtt
-from botonera_bridge.watchdog import Watchdog
+from botonera_bridge.watch.watchdog import Watchdog
 
 TIMEOUT = 90.0
 KEY = "botonera:devices"
@@ -416,7 +416,7 @@ async def test_max_devices_cap_warns_once_and_gauges_are_incremental(
     events = [msg(f"d{i}") for i in range(80)]
     with trio.fail_after(1000):
         async with running(wd):
-            with caplog.at_level(logging.WARNING, logger="botonera_bridge.watchdog"):
+            with caplog.at_level(logging.WARNING, logger="botonera_bridge.watch.watchdog"):
                 for ev in events:
                     wd.seen(ev)
             assert len(wd.devices()) == 50

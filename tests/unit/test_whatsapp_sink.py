@@ -18,7 +18,7 @@ from botonera_bridge.errors import TransientDelivery
 from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.sinks.whatsapp import GATHER_QUIET, WhatsAppSink
-from botonera_bridge.whatsapp_api import WhatsAppRejected, WhatsAppThrottled
+from botonera_bridge.sinks.whatsapp_api import WhatsAppRejected, WhatsAppThrottled
 
 A = "+573001112233"
 B = "+573004445566"

@@ -1,4 +1,4 @@
-"""Redis hashes for :class:`~botonera_bridge.state.HashStore`, through the shared link."""
+"""Redis hashes for :class:`~botonera_bridge.queues.state.HashStore`, through the shared link."""
 
 from __future__ import annotations
 

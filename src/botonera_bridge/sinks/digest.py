@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from .. import texts
 from ..config import Empresa
 from ..messages import Event
+from . import texts
 
 URGENT: Final = 0  # alarmas, semáforos ROJO/AZUL, direct texts
 SEMAFORO: Final = 1  # other semáforos

@@ -48,16 +48,16 @@ from typing import Any, Final, NamedTuple
 
 import trio
 
-from .. import backoff, texts
+from .. import backoff
 from ..config import Empresa, Settings
 from ..errors import PermanentDelivery, RedisError, TransientDelivery
 from ..ids import mask_phone
 from ..lanes import Lanes, LaneStatistics
 from ..messages import Event
 from ..metrics import Metrics
-from ..whatsapp_api import Sender, WhatsAppRejected, WhatsAppThrottled
-from . import Delivery, DeliveryObserver, EntryLike
+from . import Delivery, DeliveryObserver, EntryLike, texts
 from .digest import STATUS, Notice, RepeatKey, rank, render, repeat_key
+from .whatsapp_api import Sender, WhatsAppRejected, WhatsAppThrottled
 
 logger: Final = logging.getLogger("botonera_bridge.whatsapp")
 

@@ -8,7 +8,7 @@ values (colours, states, tipos) stay as panels and operators say them.
 The ``empresas`` part is bounded and indexed, whatever panels send: devices are
 grouped in one pass (at most :data:`MAX_DEVICES_SHOWN` per empresa, offline first),
 alarms come from the board's per-bucket index (capped per empresa), and every
-unconfigured empresa is shown in one block, :data:`~botonera_bridge.alarms.UNCONFIGURED`,
+unconfigured empresa is shown in one block, :data:`~botonera_bridge.watch.alarms.UNCONFIGURED`,
 with its newest :data:`MAX_UNCONFIGURED_SHOWN` alarms. Each alarm carries its reach
 (``reached``: recipients the message was sent to; ``read_by``: who read it) when its
 timeline is kept.
@@ -22,17 +22,17 @@ from typing import Any, Final
 
 import trio
 
-from ..alarms import UNCONFIGURED, AlarmBook
 from ..config import Settings
 from ..health import Health
 from ..messages import now_rfc3339
 from ..metrics import Metrics
-from ..outbox import DeadLetters, Outbox
 from ..queues.link import RedisLink
+from ..queues.outbox import DeadLetters, Outbox
 from ..queues.streams import DurableStream
-from ..receipts import Timelines
 from ..redact import mask_urls_in
-from ..watchdog import DeviceState
+from ..watch.alarms import UNCONFIGURED, AlarmBook
+from ..watch.receipts import Timelines
+from ..watch.watchdog import DeviceState
 
 log = logging.getLogger(__name__)
 

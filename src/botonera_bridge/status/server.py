@@ -38,10 +38,10 @@ from hypercorn.typing import Framework
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..health import Health
+from ..inbound.webhook import MAX_BODY, Webhook
+from ..inbound.webhook import PATH as WEBHOOK_PATH
 from ..messages import now_rfc3339
 from ..metrics import Metrics
-from ..webhook import MAX_BODY, Webhook
-from ..webhook import PATH as WEBHOOK_PATH
 
 log = logging.getLogger(__name__)
 

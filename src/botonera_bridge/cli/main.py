@@ -12,14 +12,14 @@ from typing import Annotated, Any, Final, TypeVar
 
 import typer
 
-from . import USER_AGENT, __version__
-from . import config as config_mod
-from . import log as log_mod
-from .config import Settings
-from .errors import BridgeError, ConfigError, MqttError, RedisError
-from .heap import fix_mmap_threshold
-from .ids import IdentifierError, normalize_id
-from .messages import TIPOS
+from .. import USER_AGENT, __version__
+from .. import config as config_mod
+from .. import log as log_mod
+from ..config import Settings
+from ..errors import BridgeError, ConfigError, MqttError, RedisError
+from ..heap import fix_mmap_threshold
+from ..ids import IdentifierError, normalize_id
+from ..messages import TIPOS
 
 EXIT_OK: Final = 0
 EXIT_FAIL: Final = 1
@@ -56,7 +56,7 @@ ConfigOpt = Annotated[
         help="archivo TOML (si no, $BOTONERA_CONFIG, si no, ./botonera-bridge.toml)",
     ),
 ]
-log = logging.getLogger("botonera_bridge.cli")
+log = logging.getLogger("botonera_bridge.cli.main")
 
 
 def _load(config: str | None) -> Settings:
@@ -124,7 +124,7 @@ def _command(argv: list[str]) -> _Serve | None:
         else:
             # A command reports a broker failure in its one line (checks.cause); the
             # client's reconnect warnings, meant for the daemon's log, would repeat it.
-            logging.getLogger("botonera_bridge.mqtt").setLevel(logging.CRITICAL)
+            logging.getLogger("botonera_bridge.intake.mqtt").setLevel(logging.CRITICAL)
             app()
     except _Serve as serve:
         return serve.with_traceback(None)  # the parser's frames go with the traceback
@@ -138,7 +138,7 @@ def _serve(serve: _Serve) -> int:
     fix_mmap_threshold()  # big MQTT payloads go back to the system once freed
     import trio
 
-    from .app import run as app_run
+    from ..app import run as app_run
 
     try:
         return trio.run(
@@ -291,7 +291,7 @@ def dead_list(
     Ejemplo: botonera-bridge dead-letters list --limit 5 --json
     """
     settings = _load(config)
-    from .deadletters import list_dead
+    from ..queues.deadletters import list_dead
 
     try:
         items = _trio_run(lambda: list_dead(settings, limit))
@@ -326,7 +326,7 @@ def dead_replay(
         typer.echo("error: indique un ID o --all", err=True)
         raise typer.Exit(EXIT_USAGE)
     settings = _load(config)
-    from .deadletters import replay
+    from ..queues.deadletters import replay
 
     try:
         results = _trio_run(lambda: replay(settings, None if replay_all else entry_id))

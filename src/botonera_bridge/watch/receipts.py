@@ -31,9 +31,9 @@ from typing import Any, Final
 
 import msgspec
 
-from .ids import mask_phone
-from .messages import now_rfc3339
-from .state import HashStore
+from ..ids import mask_phone
+from ..messages import now_rfc3339
+from ..queues.state import HashStore
 
 log = logging.getLogger(__name__)
 

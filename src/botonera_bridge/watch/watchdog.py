@@ -14,7 +14,7 @@ State is bounded: at most ``max_devices`` devices (a WARNING and a metric when
 the cap is reached), and a device silent for ``forget_after`` is forgotten.
 Gauges are kept incrementally, never recounted.
 
-State survives restarts in a :class:`~botonera_bridge.state.HashStore` (the
+State survives restarts in a :class:`~botonera_bridge.queues.state.HashStore` (the
 ``devices`` hash), so a restart causes no offline/online storm: after a
 (re)start a device is declared offline only a full ``timeout`` after the later
 of its last-seen time and the start, and a device persisted as online that
@@ -40,11 +40,11 @@ import msgspec
 import trio
 from prometheus_client import Gauge
 
-from .config import Empresa
-from .ids import stable_id
-from .messages import Event, now_rfc3339, synthetic
-from .metrics import Metrics
-from .state import HashStore
+from ..config import Empresa
+from ..ids import stable_id
+from ..messages import Event, now_rfc3339, synthetic
+from ..metrics import Metrics
+from ..queues.state import HashStore
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from typing import Final
 import msgspec
 import trio
 
-from .ids import mask_phone, message_ref
-from .lanes import Lanes, LaneStatistics
-from .metrics import Metrics
-from .outbox import DeadLetters
-from .queues.streams import DurableStream
+from ..ids import mask_phone, message_ref
+from ..lanes import Lanes, LaneStatistics
+from ..metrics import Metrics
+from ..queues.outbox import DeadLetters
+from ..queues.streams import DurableStream
 from .ws_receiver import Inbound
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
-from . import USER_AGENT, texts
-from .config import WhatsappSettings
-from .errors import PermanentDelivery, TransientDelivery
-from .ids import mask_phone
+from .. import USER_AGENT
+from ..config import WhatsappSettings
+from ..errors import PermanentDelivery, TransientDelivery
+from ..ids import mask_phone
+from . import texts
 
 if TYPE_CHECKING:  # imported when a networked provider is opened: the log provider needs none
     import httpx

@@ -6,7 +6,7 @@ WhatsApp acknowledges it (:meth:`AlarmBook.acknowledge`), which stops its
 reminders. An alarm nobody acknowledges is escalated at ``after``, ``2×after``…
 up to ``escalation_max`` times (:meth:`AlarmBook.due`).
 
-State lives in a :class:`~botonera_bridge.state.HashStore` (the ``alarms`` hash):
+State lives in a :class:`~botonera_bridge.queues.state.HashStore` (the ``alarms`` hash):
 field ``a:<event id>`` holds an alarm, ``s:<empresa>`` the empresa's semáforo,
 both as JSON. Call ``await store.load()`` before building the book (or
 :meth:`AlarmBook.reload` after); the book writes itself through to Redis in
@@ -34,9 +34,9 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from .ids import fold, mask_phone
-from .messages import Event, now_rfc3339
-from .state import HashStore
+from ..ids import fold, mask_phone
+from ..messages import Event, now_rfc3339
+from ..queues.state import HashStore
 
 log = logging.getLogger(__name__)
 

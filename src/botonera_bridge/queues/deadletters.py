@@ -9,14 +9,14 @@ from typing import Any, Final
 
 import msgspec
 
-from .config import Settings
-from .errors import BridgeError, InvalidMessage, RedisError
-from .messages import Event, decode_event
+from ..config import Settings
+from ..errors import BridgeError, InvalidMessage, RedisError
+from ..intake.topics import decode_mqtt
+from ..messages import Event, decode_event
+from .link import RedisLink
 from .outbox import DeadLetters, Outbox, dead_letter_json, decode_dead
-from .queues.link import RedisLink
-from .queues.redis_client import Redis, open_redis_settings
-from .queues.replies import entry_list
-from .topics import decode_mqtt
+from .redis_client import Redis, open_redis_settings
+from .replies import entry_list
 
 PAGE: Final = 100  # entries per XRANGE: a reply stays small however big :dead is
 

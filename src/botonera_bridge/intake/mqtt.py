@@ -67,11 +67,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from . import backoff
-from .config import MqttSettings
-from .errors import MqttError
-from .health import Health
-from .metrics import Metrics
+from .. import backoff
+from ..config import MqttSettings
+from ..errors import MqttError
+from ..health import Health
+from ..metrics import Metrics
 from .topics import STATUS_TOPIC
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ Frames accepted (DESIGN.md, "WhatsApp → Incoming"):
   "timestamp", "fromMe"}}``; ``fromMe: true`` and other events are ignored;
 - plain ``{"id", "from": "+573…", "body", "timestamp"}``;
 - WAHA delivery receipts ``{"event": "message.ack", "payload": {"id", "ack", "ackName"}}``
-  (:func:`parse_event` turns them into :class:`~botonera_bridge.receipts.Receipt`).
+  (:func:`parse_event` turns them into :class:`~botonera_bridge.watch.receipts.Receipt`).
 
 Each frame is handled in isolation: a malformed frame, or a failure while handing
 it on, is logged once with its reason, counted in
@@ -35,12 +35,12 @@ import trio
 if TYPE_CHECKING:
     import trio_websocket
 
-from .backoff import Uniform, delays
-from .errors import ConfigError, InvalidMessage
-from .health import Health
-from .ids import as_e164, mask_phone
-from .metrics import Metrics
-from .receipts import Receipt
+from ..backoff import Uniform, delays
+from ..errors import ConfigError, InvalidMessage
+from ..health import Health
+from ..ids import as_e164, mask_phone
+from ..metrics import Metrics
+from ..watch.receipts import Receipt
 
 log = logging.getLogger(__name__)
 

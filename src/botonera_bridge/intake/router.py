@@ -21,15 +21,15 @@ from typing import Final, Protocol
 import msgspec
 import trio
 
-from .backoff import delays
-from .config import Settings
-from .errors import FencedError, InvalidMessage
-from .messages import Event, Heartbeat, Message
-from .metrics import Metrics
+from ..backoff import delays
+from ..config import Settings
+from ..errors import FencedError, InvalidMessage
+from ..messages import Event, Heartbeat, Message
+from ..metrics import Metrics
+from ..queues.outbox import Outbox
+from ..queues.streams import SAFE, Fence, Receipt
+from ..redact import escape
 from .mqtt import MqttMessage
-from .outbox import Outbox
-from .queues.streams import SAFE, Fence, Receipt
-from .redact import escape
 from .topics import decode_mqtt
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Final
 
 import trio
 
-from .health import Health
+from ..health import Health
 
 log = logging.getLogger(__name__)
 

@@ -33,16 +33,16 @@ from typing import Final, Protocol
 import msgspec
 import trio
 
-from . import texts
-from .alarms import AlarmBook, OpenAlarm, colour_of
-from .config import Empresa, Settings
-from .errors import BridgeError, DeliveryError
-from .ids import fold, mask_phone, message_ref, stable_id
-from .messages import Event, now_rfc3339, synthetic
-from .metrics import Metrics
-from .receipts import Timelines
-from .texts import SEMAFOROS, clock_time, empresa_name, escalation_prefix, semaforo
-from .topics import COMMAND_TOPIC
+from ..config import Empresa, Settings
+from ..errors import BridgeError, DeliveryError
+from ..ids import fold, mask_phone, message_ref, stable_id
+from ..intake.topics import COMMAND_TOPIC
+from ..messages import Event, now_rfc3339, synthetic
+from ..metrics import Metrics
+from ..sinks import texts
+from ..sinks.texts import SEMAFOROS, clock_time, empresa_name, escalation_prefix, semaforo
+from ..watch.alarms import AlarmBook, OpenAlarm, colour_of
+from ..watch.receipts import Timelines
 from .ws_receiver import Inbound
 
 log = logging.getLogger(__name__)

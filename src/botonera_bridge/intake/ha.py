@@ -51,17 +51,17 @@ from typing import Any, Final
 
 import trio
 
-from .alarms import AlarmBook
-from .config import Settings
-from .errors import RedisError
-from .health import Health
-from .metrics import Metrics
+from ..config import Settings
+from ..errors import RedisError
+from ..health import Health
+from ..metrics import Metrics
+from ..queues.redis_client import Redis
+from ..queues.state import HashStore
+from ..queues.streams import DurableStream
+from ..watch.alarms import AlarmBook
+from ..watch.receipts import Timelines
 from .mqtt import MqttClient, MqttMessage, open_mqtt
-from .queues.redis_client import Redis
-from .queues.streams import DurableStream
-from .receipts import Timelines
 from .router import Router
-from .state import HashStore
 
 log = logging.getLogger(__name__)
 

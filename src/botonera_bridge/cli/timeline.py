@@ -14,9 +14,9 @@ import urllib.parse
 import urllib.request
 from typing import Any, Final
 
-from .config import Settings
-from .errors import BridgeError
-from .texts import TZ
+from ..config import Settings
+from ..errors import BridgeError
+from ..sinks.texts import TZ
 
 FETCH_TIMEOUT: Final = 5.0  # seconds for the status server to answer
 STATES: Final = {

@@ -15,12 +15,12 @@ import math
 import time
 from typing import TYPE_CHECKING, Final
 
-from .config import Empresa
-from .ids import fold
-from .messages import Event
+from ..config import Empresa
+from ..ids import fold
+from ..messages import Event
 
 if TYPE_CHECKING:
-    from .alarms import OpenAlarm
+    from ..watch.alarms import OpenAlarm
 
 # Bogotá: Colombia has had no DST since 1993, so UTC-5 is exact, needs no tzdata on slim
 # images, and keeps zoneinfo (0.7 MB) out of idle RSS.

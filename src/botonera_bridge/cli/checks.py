@@ -13,15 +13,15 @@ import msgspec
 import trio
 import trio_websocket
 
-from . import USER_AGENT
-from .config import MqttSettings, Settings
-from .errors import MqttError
-from .health import Health
-from .mqtt import MqttClient, MqttMessage, open_mqtt
-from .queues.redis_client import probe as redis_probe
-from .redact import mask_urls_in
-from .sendtest import send_test_identity
-from .topics import RECEIPT_TOPIC, STATUS_TOPIC
+from .. import USER_AGENT
+from ..config import MqttSettings, Settings
+from ..errors import MqttError
+from ..health import Health
+from ..intake.mqtt import MqttClient, MqttMessage, open_mqtt
+from ..intake.topics import RECEIPT_TOPIC, STATUS_TOPIC
+from ..queues.redis_client import probe as redis_probe
+from ..redact import mask_urls_in
+from ..sendtest import send_test_identity
 
 CHECK_TIMEOUT: Final = 5.0  # seconds per check
 

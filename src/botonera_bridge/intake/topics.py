@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from .errors import InvalidMessage
-from .ids import IdentifierError, normalize_id
-from .messages import Event, Message, decode
+from ..errors import InvalidMessage
+from ..ids import IdentifierError, normalize_id
+from ..messages import Event, Message, decode
 
 STATUS_TOPIC: Final = "botonera-bridge/status"  # retained online/offline (mqtt.py)
 RECEIPT_TOPIC: Final = "botonera-bridge/receipts/"  # + event id: send-test receipts

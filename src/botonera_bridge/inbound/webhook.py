@@ -28,10 +28,10 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from .errors import InvalidMessage
-from .ids import as_e164
-from .metrics import Metrics
-from .receipts import Receipt
+from ..errors import InvalidMessage
+from ..ids import as_e164
+from ..metrics import Metrics
+from ..watch.receipts import Receipt
 from .ws_receiver import MAX_TIMESTAMP, Inbound
 
 log = logging.getLogger(__name__)

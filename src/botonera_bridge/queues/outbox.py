@@ -12,12 +12,12 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from . import texts
-from .errors import RedisError, RedisReplyError
-from .messages import Event, decode_event, encode_event
-from .metrics import Metrics
-from .queues.link import RedisLink
-from .queues.streams import NO_SKIP, DurableStream, Fence, Item, Receipt
+from ..errors import RedisError, RedisReplyError
+from ..messages import Event, decode_event, encode_event
+from ..metrics import Metrics
+from ..sinks import texts
+from .link import RedisLink
+from .streams import NO_SKIP, DurableStream, Fence, Item, Receipt
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The command line: ``botonera-bridge run|check-config|send-test|…``."""

@@ -1,0 +1,1 @@
+"""MQTT intake: the broker client, the router into the outbox, session adoption (HA)."""

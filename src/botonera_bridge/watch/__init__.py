@@ -1,0 +1,1 @@
+"""What the bridge watches: panels (heartbeat watchdog), open alarms and their timelines."""
