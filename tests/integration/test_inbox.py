@@ -167,11 +167,11 @@ async def test_timelines_persist_in_redis_with_the_alarm_board(make_redis) -> No
             again = HashStore("t:alarms", RedisHashes(link))
             await again.load()
             restored = Timelines(again)
-            assert restored.summary(event.id) == {"avisados": 1, "leidos": 0}
+            assert restored.summary(event.id) == {"reached": 1, "read_by": 0}
             assert restored.receipt(Receipt(message_id="wamid.SEVEN", status="read"))
             data = restored.public(event.id)
             assert data is not None
-            assert data["leidos"] == 1
+            assert data["read_by"] == 1
             assert data["backend"]["status"] == 200
             assert AlarmBook(again, escalation_after=300, escalation_max=3).get(event.id)
             nursery.cancel_scope.cancel()

@@ -130,7 +130,7 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     time.sleep(3)
     assert not [a for a in backend.alerts() if a["tipo_mensaje"] == "acuse"]
     assert not [t for t in texts_to(wa, ANA) if "atendida" in t]
-    assert timeline(bridge, event_id, STATUS_TOKEN)["acuse"] is None
+    assert timeline(bridge, event_id, STATUS_TOKEN)["ack"] is None
 
     # the same ACK correctly signed
     t0 = time.monotonic()
@@ -153,13 +153,13 @@ def test_cloud_api_both_ways(bridge_factory, backend, wa, publisher, tmp_path):
     assert len([t for t in texts_to(wa, BETO) if "marcada como atendida" in t]) == 1
 
     data = timeline(bridge, event_id, STATUS_TOKEN)
-    by_number = {r["numero"]: r for r in data["destinatarios"]}
-    assert by_number["+57******2233"]["estado"] == "read"
-    assert by_number["+57******2233"]["entregado_en"] is not None
-    assert by_number["+57******5566"]["estado"] in ("sent", "delivered", "read")
-    assert data["acuse"]["por"] == "+57******5566"
-    assert data["backend"]["aceptada"] is True
-    assert (data["avisados"], data["leidos"]) == (2, 1)
+    by_number = {r["number"]: r for r in data["recipients"]}
+    assert by_number["+57******2233"]["status"] == "read"
+    assert by_number["+57******2233"]["delivered_at"] is not None
+    assert by_number["+57******5566"]["status"] in ("sent", "delivered", "read")
+    assert data["ack"]["by"] == "+57******5566"
+    assert data["backend"]["accepted"] is True
+    assert (data["reached"], data["read_by"]) == (2, 1)
     reach = open_alarm(bridge, STATUS_TOKEN)
     assert (reach["reached"], reach["read_by"]) == (2, 1)
     # the timeline needs the status token; the webhook does not
@@ -222,12 +222,12 @@ def test_waha_read_receipt_shows_in_the_timeline(bridge_factory, wa, publisher):
 
         def read() -> dict[str, Any] | None:
             data = timeline(bridge, event_id)
-            return data if data["leidos"] == 1 else None
+            return data if data["read_by"] == 1 else None
 
         data = wait_until(read, 5, "the READ receipt in the timeline")
-        (recipient,) = data["destinatarios"]
-        assert recipient["estado"] == "read"
-        assert recipient["numero"] == "+57******2233"
+        (recipient,) = data["recipients"]
+        assert recipient["status"] == "read"
+        assert recipient["number"] == "+57******2233"
         assert ANA.lstrip("+") not in bridge.log_text()
     finally:
         gateway.close()

@@ -234,7 +234,7 @@ async def test_webhook_and_alarm_routes() -> None:
     from botonera_bridge.inbound.webhook import MAX_BODY, Webhook
 
     hook = Webhook(app_secret="s3", verify_token="vt")  # noqa: S106 - test values
-    timelines = {"ev1": {"id": "ev1", "avisados": 1}}
+    timelines = {"ev1": {"id": "ev1", "reached": 1}}
     auth = {"Authorization": f"Bearer {TOKEN}"}
     body = b'{"object":"whatsapp_business_account","entry":[]}'
     good = "sha256=" + hmac.new(b"s3", body, hashlib.sha256).hexdigest()
@@ -262,7 +262,7 @@ async def test_webhook_and_alarm_routes() -> None:
                 assert (await client.put("/webhooks/whatsapp", content=body)).status_code == 405
                 assert (await client.get("/api/alarms/ev1")).status_code == 401
                 r = await client.get("/api/alarms/ev1", headers=auth)
-                assert r.json() == {"id": "ev1", "avisados": 1}
+                assert r.json() == {"id": "ev1", "reached": 1}
                 assert (await client.get("/api/alarms/nope", headers=auth)).status_code == 404
                 assert (await client.post("/api/alarms/ev1", headers=auth)).status_code == 404
             nursery.cancel_scope.cancel()

@@ -120,23 +120,31 @@ async def test_timeline_records_everything_and_masks_numbers() -> None:
 
     data = tl.public(event_id)
     assert data is not None
-    assert data["backend"]["aceptada"] is True
+    assert data["backend"]["accepted"] is True
     assert data["backend"]["status"] == 201
-    by_number = {r["numero"]: r for r in data["destinatarios"]}
+    by_number = {r["number"]: r for r in data["recipients"]}
     a, b = by_number["+57******2233"], by_number["+57******5566"]
-    assert a["estado"] == "read"
-    assert a["entregado_en"] is not None
-    assert a["leido_en"] is not None
-    assert b["estado"] == "failed"
-    assert b["motivo"].startswith("131047")
-    assert data["avisados"] == 2
-    assert data["leidos"] == 1
-    assert data["acuse"]["por"] == "+57******5566"
-    assert data["escalamientos"][0]["tipo"] == "recordatorio"
+    assert a["status"] == "read"
+    assert a["delivered_at"] is not None
+    assert a["read_at"] is not None
+    assert b["status"] == "failed"
+    assert b["reason"].startswith("131047")
+    assert data["reached"] == 2
+    assert data["read_by"] == 1
+    assert data["ack"]["by"] == "+57******5566"
+    assert data["escalations"][0]["kind"] == "recordatorio"
+    assert data["escalations"][0]["step"] == 1
+    assert set(data) == {
+        "id", "empresa", "sede", "tipo", "tipo_alarma", "descripcion",  # the panel's own fields
+        "received_at", "backend", "recipients", "reached", "read_by", "ack", "escalations",
+    }  # fmt: skip
+    assert set(a) == {
+        "number", "status", "sent_at", "delivered_at", "read_at", "failed_at", "reason"
+    }
     text = json.dumps(data)
     assert A[1:] not in text
     assert B[1:] not in text
-    assert tl.summary(event_id) == {"avisados": 2, "leidos": 1}
+    assert tl.summary(event_id) == {"reached": 2, "read_by": 1}
 
 
 async def test_timelines_persist_and_are_bounded() -> None:
@@ -164,7 +172,7 @@ async def test_timelines_persist_and_are_bounded() -> None:
     again = Timelines(store, clock=trio.current_time, max_timelines=10)
     assert len(again) == 10
     assert again.receipt(Receipt(message_id="wamid.24", status="read"))
-    assert again.summary(ids[-1]) == {"avisados": MAX_RECIPIENTS, "leidos": 1}
+    assert again.summary(ids[-1]) == {"reached": MAX_RECIPIENTS, "read_by": 1}
 
 
 async def test_acknowledged_timeline_forgotten_after_24h(

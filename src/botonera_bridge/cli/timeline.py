@@ -20,7 +20,7 @@ from ..sinks.texts import TZ
 
 FETCH_TIMEOUT: Final = 5.0  # seconds for the status server to answer
 STATES: Final = {
-    "pendiente": "pendiente",
+    "pending": "pendiente",
     "sent": "enviado",
     "delivered": "entregado",
     "read": "leído",
@@ -95,37 +95,37 @@ def render(data: dict[str, Any]) -> str:
     lines = [f"Alarma {data.get('id', '?')} — {what or 'sin tipo'} — {place}"]
     if data.get("descripcion"):
         lines.append(f"  {data['descripcion']}")
-    lines.append(f"{_hora(data.get('recibida_en'))}  recibida por el puente")
+    lines.append(f"{_hora(data.get('received_at'))}  recibida por el puente")
     backend = data.get("backend") or {}
-    if backend.get("en"):
-        verdict = "aceptada" if backend.get("aceptada") else "rechazada"
-        lines.append(f"{_hora(backend['en'])}  backend: {verdict} (HTTP {backend.get('status')})")
+    if backend.get("at"):
+        verdict = "aceptada" if backend.get("accepted") else "rechazada"
+        lines.append(f"{_hora(backend['at'])}  backend: {verdict} (HTTP {backend.get('status')})")
     else:
         lines.append("—                    backend: aún sin respuesta")
-    recipients = data.get("destinatarios") or []
+    recipients = data.get("recipients") or []
     if not recipients:
         lines.append("—                    WhatsApp: nadie avisado aún")
     for r in recipients:
-        state = STATES.get(str(r.get("estado")), str(r.get("estado")))
-        lines.append(f"{_hora(r.get('enviado_en'))}  WhatsApp a {r.get('numero')}: {state}")
-        for key, label in (("entregado_en", "entregado"), ("leido_en", "leído")):
+        state = STATES.get(str(r.get("status")), str(r.get("status")))
+        lines.append(f"{_hora(r.get('sent_at'))}  WhatsApp a {r.get('number')}: {state}")
+        for key, label in (("delivered_at", "entregado"), ("read_at", "leído")):
             if r.get(key):
-                lines.append(f"{_hora(r[key])}    {label} por {r.get('numero')}")
-        if r.get("fallido_en"):
-            motivo = f": {r['motivo']}" if r.get("motivo") else ""
-            lines.append(f"{_hora(r['fallido_en'])}    falló para {r.get('numero')}{motivo}")
-    for e in data.get("escalamientos") or []:
-        kind = ESCALATIONS.get(str(e.get("tipo")), str(e.get("tipo")))
-        step = f" {e['aviso']}" if e.get("aviso") else ""
-        to = e.get("destinatarios", 0)
-        lines.append(f"{_hora(e.get('en'))}  escalamiento ({kind}{step}) a {to} números")
-    acuse = data.get("acuse")
+                lines.append(f"{_hora(r[key])}    {label} por {r.get('number')}")
+        if r.get("failed_at"):
+            motivo = f": {r['reason']}" if r.get("reason") else ""
+            lines.append(f"{_hora(r['failed_at'])}    falló para {r.get('number')}{motivo}")
+    for e in data.get("escalations") or []:
+        kind = ESCALATIONS.get(str(e.get("kind")), str(e.get("kind")))
+        step = f" {e['step']}" if e.get("step") else ""
+        to = e.get("to", 0)
+        lines.append(f"{_hora(e.get('at'))}  escalamiento ({kind}{step}) a {to} números")
+    acuse = data.get("ack")
     if acuse:
-        lines.append(f"{_hora(acuse.get('en'))}  atendida por {acuse.get('por') or '?'}")
+        lines.append(f"{_hora(acuse.get('at'))}  atendida por {acuse.get('by') or '?'}")
     else:
         lines.append("—                    sin atender")
     lines.append(
-        f"Resumen: avisados {data.get('avisados', 0)} · leído por {data.get('leidos', 0)} · "
-        + (f"atendida por {acuse.get('por')}" if acuse else "sin atender")
+        f"Resumen: avisados {data.get('reached', 0)} · leído por {data.get('read_by', 0)} · "
+        + (f"atendida por {acuse.get('by')}" if acuse else "sin atender")
     )
     return "\n".join(lines)

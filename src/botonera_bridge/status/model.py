@@ -265,7 +265,7 @@ def _with_reach(alarms: list[dict[str, Any]], timelines: Timelines | None) -> li
     for a in alarms:
         reach = timelines.summary(a["id"])
         if reach is not None:
-            a["reached"], a["read_by"] = reach["avisados"], reach["leidos"]
+            a.update(reach)
     return alarms
 
 

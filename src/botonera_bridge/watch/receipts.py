@@ -352,11 +352,11 @@ class Timelines:
         return len(self._lines)
 
     def summary(self, event_id: str) -> dict[str, Any] | None:
-        """``{"avisados", "leidos"}`` for the status page, or None when not tracked."""
+        """``{"reached", "read_by"}`` for the status page, or None when not tracked."""
         line = self._lines.get(event_id)
         if line is None:
             return None
-        return {"avisados": line.reached, "leidos": line.read_by}
+        return {"reached": line.reached, "read_by": line.read_by}
 
     def public(self, event_id: str) -> dict[str, Any] | None:
         """The timeline as plain data for ``GET /api/alarms/<id>``; numbers masked."""
@@ -370,36 +370,36 @@ class Timelines:
             "tipo": line.tipo,
             "tipo_alarma": line.tipo_alarma,
             "descripcion": line.descripcion,
-            "recibida_en": _rfc(line.received_at),
+            "received_at": _rfc(line.received_at),
             "backend": {
-                "aceptada": line.backend_accepted,
+                "accepted": line.backend_accepted,
                 "status": line.backend_status or None,
-                "en": _rfc(line.backend_at),
+                "at": _rfc(line.backend_at),
             },
-            "destinatarios": [
+            "recipients": [
                 {
-                    "numero": mask_phone(r.number),
-                    "estado": r.status or "pendiente",
-                    "enviado_en": _rfc(r.sent_at),
-                    "entregado_en": _rfc(r.delivered_at),
-                    "leido_en": _rfc(r.read_at),
-                    "fallido_en": _rfc(r.failed_at),
-                    "motivo": r.reason,
+                    "number": mask_phone(r.number),
+                    "status": r.status or "pending",
+                    "sent_at": _rfc(r.sent_at),
+                    "delivered_at": _rfc(r.delivered_at),
+                    "read_at": _rfc(r.read_at),
+                    "failed_at": _rfc(r.failed_at),
+                    "reason": r.reason,
                 }
                 for r in line.recipients
             ],
-            "avisados": line.reached,
-            "leidos": line.read_by,
-            "acuse": (
+            "reached": line.reached,
+            "read_by": line.read_by,
+            "ack": (
                 {
-                    "por": mask_phone(line.acked_by) if line.acked_by else "",
-                    "en": _rfc(line.acked_at),
+                    "by": mask_phone(line.acked_by) if line.acked_by else "",
+                    "at": _rfc(line.acked_at),
                 }
                 if line.acked_at is not None
                 else None
             ),
-            "escalamientos": [
-                {"en": _rfc(e.at), "tipo": e.kind, "aviso": e.step, "destinatarios": e.to}
+            "escalations": [
+                {"at": _rfc(e.at), "kind": e.kind, "step": e.step, "to": e.to}
                 for e in line.escalations
             ],
         }
