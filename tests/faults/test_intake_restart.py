@@ -22,7 +22,7 @@ from botonera_bridge.messages import Event
 from botonera_bridge.metrics import Metrics
 from botonera_bridge.queues.link import RedisLink
 from botonera_bridge.queues.outbox import DeadLetters, Outbox
-from botonera_bridge.queues.redis_client import open_redis
+from botonera_bridge.queues.redis_client import Redis, open_redis
 from botonera_bridge.queues.streams import Fence, Receipt
 from tests.support.bridge import Publisher
 
@@ -104,23 +104,36 @@ def counter(metrics: Metrics, name: str, **labels: Any) -> float:
     return value or 0.0
 
 
+@asynccontextmanager
+async def outbox_intake(
+    port: int, redis_url: str, outbox_cls: type[Outbox], client_id: str, metrics: Metrics
+) -> AsyncIterator[tuple[Redis, Outbox, MqttClient]]:
+    """Redis, the outbox on it and the intake into it, closed in that order's reverse."""
+    async with open_redis(redis_url) as redis, trio.open_nursery() as nursery:
+        link = RedisLink(redis, health=Health(60.0))
+        await nursery.start(link.run)
+        dead = DeadLetters(link, "t:dead", metrics)
+        outbox = outbox_cls(link, "t", consumer="c1", memory_limit=1000, dead=dead)
+        async with intake(port, outbox, metrics, client_id) as mqtt:
+            yield redis, outbox, mqtt
+        nursery.cancel_scope.cancel()
+
+
 async def test_router_append_failure_is_retried_in_place(mosquitto, make_redis) -> None:
     metrics = Metrics()
     pub = Publisher(mosquitto.port)
     try:
         with trio.fail_after(30):
-            async with open_redis(make_redis().url) as redis, trio.open_nursery() as nursery:
-                link = RedisLink(redis, health=Health(60.0))
-                await nursery.start(link.run)
-                dead = DeadLetters(link, "t:dead", metrics)
-                outbox = BuggyOutbox(link, "t", consumer="c1", memory_limit=1000, dead=dead)
-                async with intake(mosquitto.port, outbox, metrics, "router-test") as mqtt:
-                    await publish(pub, ["antes", "bug", "veneno", "despues"])
-                    await publish(pub, ["siguiente"], first=5)  # a later batch
-                    got = await read_texts(outbox, 4)
-                    while mqtt.statistics().acked < 5:  # noqa: ASYNC110 - a test's poll
-                        await trio.sleep(0.05)
-                    stats = mqtt.statistics()
+            async with outbox_intake(
+                mosquitto.port, make_redis().url, BuggyOutbox, "router-test", metrics
+            ) as (redis, outbox, mqtt):
+                assert isinstance(outbox, BuggyOutbox)
+                await publish(pub, ["antes", "bug", "veneno", "despues"])
+                await publish(pub, ["siguiente"], first=5)  # a later batch
+                got = await read_texts(outbox, 4)
+                while mqtt.statistics().acked < 5:  # noqa: ASYNC110 - a test's poll
+                    await trio.sleep(0.05)
+                stats = mqtt.statistics()
                 # every one appended once, in order; the one that kept failing is kept
                 assert got == ["antes", "bug", "despues", "siguiente"]
                 assert int(await redis.execute("XLEN", "t:dead")) == 1
@@ -130,7 +143,6 @@ async def test_router_append_failure_is_retried_in_place(mosquitto, make_redis) 
                 assert counter(metrics, "botonera_intake_failures_total", task="router") == (
                     outbox.failures
                 )
-                nursery.cancel_scope.cancel()
             assert await redelivered(mosquitto.port, "router-test") == []
     finally:
         pub.close()
@@ -141,40 +153,36 @@ async def test_mqtt_reader_failure_reconnects_and_loses_nothing(mosquitto, make_
     pub = Publisher(mosquitto.port)
     try:
         with trio.fail_after(30):
-            async with open_redis(make_redis().url) as redis, trio.open_nursery() as nursery:
-                link = RedisLink(redis, health=Health(60.0))
-                await nursery.start(link.run)
-                dead = DeadLetters(link, "t:dead", metrics)
-                outbox = Outbox(link, "t", consumer="c1", memory_limit=1000, dead=dead)
-                async with intake(mosquitto.port, outbox, metrics, "reader-test") as mqtt:
-                    paho = mqtt._client
-                    on_message = paho.on_message
-                    raised: list[int] = []
+            async with outbox_intake(
+                mosquitto.port, make_redis().url, Outbox, "reader-test", metrics
+            ) as (_, outbox, mqtt):
+                paho = mqtt._client
+                on_message = paho.on_message
+                raised: list[int] = []
 
-                    def buggy(client: Any, userdata: Any, m: Any) -> None:
-                        if b'"bug"' in m.payload and not raised:
-                            raised.append(m.mid)
-                            raise RuntimeError("injected bug in on_message")
-                        on_message(client, userdata, m)
+                def buggy(client: Any, userdata: Any, m: Any) -> None:
+                    if b'"bug"' in m.payload and not raised:
+                        raised.append(m.mid)
+                        raise RuntimeError("injected bug in on_message")
+                    on_message(client, userdata, m)
 
-                    paho.on_message = buggy
-                    await publish(pub, ["antes", "bug", "despues"])
-                    got = await read_texts(outbox, 3)
-                    # "antes" may be acked twice (before the bug, and redelivered after it), so
-                    # 3 acks may leave the last one to come: the router acks a message right
-                    # after its append returns, and the intake reads in 10 ms lingers
-                    while mqtt.statistics().acked < 3:  # noqa: ASYNC110 - a test's poll
-                        await trio.sleep(0.05)
-                    await trio.sleep(0.5)
-                    generation = mqtt.statistics().generation
-                assert raised, "the bug was not hit"
-                assert generation == 2, "the reader's connection was made again"
-                # "antes" may come twice (redelivered with DUP, de-duplicated downstream by
-                # its event id); none is missing
-                assert set(got) == {"antes", "bug", "despues"}
-                assert got.index("bug") < got.index("despues")
-                assert counter(metrics, "botonera_intake_failures_total", task="mqtt reader") == 1
-                nursery.cancel_scope.cancel()
+                paho.on_message = buggy
+                await publish(pub, ["antes", "bug", "despues"])
+                got = await read_texts(outbox, 3)
+                # "antes" may be acked twice (before the bug, and redelivered after it), so
+                # 3 acks may leave the last one to come: the router acks a message right
+                # after its append returns, and the intake reads in 10 ms lingers
+                while mqtt.statistics().acked < 3:  # noqa: ASYNC110 - a test's poll
+                    await trio.sleep(0.05)
+                await trio.sleep(0.5)
+                generation = mqtt.statistics().generation
+            assert raised, "the bug was not hit"
+            assert generation == 2, "the reader's connection was made again"
+            # "antes" may come twice (redelivered with DUP, de-duplicated downstream by
+            # its event id); none is missing
+            assert set(got) == {"antes", "bug", "despues"}
+            assert got.index("bug") < got.index("despues")
+            assert counter(metrics, "botonera_intake_failures_total", task="mqtt reader") == 1
             assert await redelivered(mosquitto.port, "reader-test") == []
     finally:
         pub.close()
