@@ -96,8 +96,12 @@ if os.environ.get("BOTONERA_PYZ_KEEP_OLD") != "1":
 # bootstrap left in this one's heap (zipfile, compileall, the archive's directory, their
 # garbage) would stay for the process's life, +1.4 MB of idle RSS over the installed
 # package. exec keeps the PID (systemd, signals) and the interpreter's options; -P: the
-# working directory is not put on sys.path (as for the .pyz).
-if "run" in sys.argv[1:] and sys.executable and os.environ.get("BOTONERA_PYZ_REEXEC") != "0":
+# working directory is not put on sys.path (as for the .pyz). BOTONERA_PYZ_REEXEC=0 stays
+# in this interpreter.
+if (
+    "run" in sys.argv[1:] and sys.executable and env.entry_point  # noqa: F821
+    and os.environ.get("BOTONERA_PYZ_REEXEC") != "0"
+):
     _module, _func = env.entry_point.split(":")  # noqa: F821 - given by shiv's bootstrap
     _code = (
         "import sys; sys.argv[0] = %r; sys.path[:0] = [%r]; "
