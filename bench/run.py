@@ -30,7 +30,8 @@ Quick before/after of one change: ``--only steady --targets bridge --runs 3`` (t
 500 msg/s phase only) or ``--only idle`` (idle RSS with the status server on, package
 and .pyz); both print medians and write nothing. ``BENCH_BRIDGE_ARGV`` replaces
 ``python -m botonera_bridge`` (e.g. ``env PYTHONPATH=old/src python -m botonera_bridge``
-to run an older tree in the same invocation, or a wrapper with a Trio Instrument).
+to run an older tree, or a wrapper with a Trio Instrument); ``--baseline OLD/src`` with
+``--only`` runs an older tree as a second target in the same invocation, interleaved.
 
 Bounded: every wait has a deadline, and only processes started here are stopped, by PID.
 """
@@ -789,8 +790,10 @@ def http_clients(sink: Sink, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def only(mode: str, wanted: list[str], runs: int) -> int:
-    """A quick before/after for one change: one mode, medians printed, nothing written."""
+def only(mode: str, wanted: list[str], runs: int, baseline: str | None = None) -> int:
+    """A quick before/after for one change: one mode, medians printed, nothing written.
+    ``baseline``: an older tree's ``src`` folder, run as a second bridge target; the
+    targets' runs are interleaved (A B A B ...) so a change in the machine's load hits both."""
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bb-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     if "nodered" in wanted and ensure_node_red():
@@ -803,21 +806,31 @@ def only(mode: str, wanted: list[str], runs: int) -> int:
         known = {"bridge": bridge_target(), "nodered": nodered_target(workdir),
                  "naive": naive_target(workdir)}
         targets = [known[n] for n in wanted]
+    if baseline is not None:
+        argv = ["env", f"PYTHONPATH={Path(baseline).resolve()}", sys.executable,
+                "-m", "botonera_bridge"]
+        targets.insert(0, Target(f"bridge (baseline {baseline})", "botonera-bridge",
+                                 lambda m, r, u: _Bridge(m, r, u, status=mode == "idle",
+                                                         argv=argv),
+                                 needs_redis=True))
     sink = Sink()
+    results: dict[str, list[RunResult]] = {t.name: [] for t in targets}
     try:
-        for t in targets:
-            rs = []
-            for i in range(runs):
+        for i in range(runs):
+            for t in targets:
                 r = run_once(t, sink, i, idle_only=mode == "idle", steady_only=mode == "steady")
-                rs.append(r)
+                results[t.name].append(r)
                 print(f"  {t.name} run {i + 1}: load {r.load:.2f}, idle {r.idle_rss:.1f} MB"
                       + (f", {r.cpu_steady_us:.0f} µs/msg, p50 {r.p50:.2f} p99 {r.p99:.2f} "
                          f"max {r.max:.1f} ms, lost {r.lost} dup {r.duplicates}"
                          if mode == "steady" else ""), flush=True)
+        for t in targets:
+            rs = results[t.name]
             if mode == "steady":
-                print(f"{t.name}: median {median_of(rs, 'cpu_steady_us'):.0f} µs/msg, p99 "
-                      f"{median_of(rs, 'p99'):.2f} ms, lost {sum(r.lost for r in rs)} dup "
-                      f"{sum(r.duplicates for r in rs)}", flush=True)
+                print(f"{t.name}: median {median_of(rs, 'cpu_steady_us'):.0f} µs/msg, p50 "
+                      f"{median_of(rs, 'p50'):.2f} p99 {median_of(rs, 'p99'):.2f} ms, lost "
+                      f"{sum(r.lost for r in rs)} dup {sum(r.duplicates for r in rs)}",
+                      flush=True)
             else:
                 print(f"{t.name}: median idle RSS {median_of(rs, 'idle_rss'):.1f} MB", flush=True)
     finally:
@@ -837,9 +850,13 @@ def main() -> int:
     ap.add_argument("--only", choices=["steady", "idle"],
                     help="one mode only, printed, no results file: steady = 500 msg/s per "
                     "target; idle = idle RSS of the bridge with the status server on")
+    ap.add_argument("--baseline", metavar="SRC",
+                    help="with --only: also run the bridge from this older tree's src folder "
+                    "(e.g. from `git archive`), runs interleaved with this tree's")
     args = ap.parse_args()
     if args.only:
-        return only(args.only, [t.strip() for t in args.targets.split(",")], args.runs)
+        return only(args.only, [t.strip() for t in args.targets.split(",")], args.runs,
+                    args.baseline)
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bb-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,11 @@ The one mechanism behind the backend sink (a lane per empresa), the inbox (a lan
 sender) and the WhatsApp sink (a worker per number). A lane is a deque drained by one
 worker task, started when the key gets its first item and ended when the deque is
 empty: a burst over a few keys costs a task per key, never a task per item, and an
-idle key costs nothing. (Keeping an idle worker parked for the next item was measured
-in ``bench/lanes.py``: a timed wait costs more than a new task.)
+idle key costs nothing. With ``keep_idle``, up to that many workers whose lane emptied
+stay parked (no timer: a timed wait costs more than a new task, measured in
+``bench/lanes.py``) and the next new lane, of any key, wakes one instead of starting a
+task: a steady trickle, where every lane empties between items, then costs a wake-up
+per item, not a task.
 
 ``max_workers`` caps the worker tasks: a lane that gets items while that many run waits
 as data (no parked task) and the first worker whose lane empties takes it over, oldest
@@ -63,6 +66,7 @@ class Lanes(Generic[K, T]):
         max_pending: int | None,
         on_error: Callable[[K, T, Exception], object] | None = None,
         max_workers: int | None = None,
+        keep_idle: int = 0,
     ) -> None:
         if max_pending is not None and max_pending < 1:
             raise ValueError("max_pending must be at least 1 (or None: unbounded)")
@@ -72,6 +76,8 @@ class Lanes(Generic[K, T]):
         self._max_workers = max_workers or 0
         self._workers = 0
         self._waiting: deque[K] = deque()  # keys with items and no worker yet
+        self._keep_idle = keep_idle
+        self._parked: deque[_Parked[K, T]] = deque()  # idle workers (counted in _workers)
         self._nursery: trio.Nursery | None = None
         self._lanes: dict[K, deque[T]] = {}
         self._pending = 0
@@ -98,6 +104,7 @@ class Lanes(Generic[K, T]):
         self._handled = self._failed = self._started = 0
         self._workers = 0
         self._waiting = deque()
+        self._parked = deque()
         self._room.set()  # a producer waiting for room in the old run must not hang
 
     # -- producing ----------------------------------------------------------------------
@@ -111,7 +118,11 @@ class Lanes(Generic[K, T]):
             if self._nursery is None:
                 raise RuntimeError("the lanes are not running")
             queue = self._lanes[key] = deque()
-            if self._max_workers and self._workers >= self._max_workers:
+            if self._parked:
+                parked = self._parked.popleft()
+                parked.lane = (key, queue)
+                parked.event.set()
+            elif self._max_workers and self._workers >= self._max_workers:
                 self._waiting.append(key)  # a worker takes it when its own lane is empty
             else:
                 self._workers += 1
@@ -178,8 +189,24 @@ class Lanes(Generic[K, T]):
                 # came meanwhile found this lane, and its item was handled above
                 if self._lanes.get(key) is queue:
                     del self._lanes[key]
-            if not self._waiting:
+            if self._waiting:
+                key = self._waiting.popleft()  # this worker's place goes to the oldest one
+                queue = self._lanes[key]
+            elif len(self._parked) < self._keep_idle:
+                parked: _Parked[K, T] = _Parked()  # not _Parked[K, T](): typing costs 1 us
+                self._parked.append(parked)
+                await parked.event.wait()  # cancelled with the run
+                key, queue = parked.lane
+            else:
                 self._workers -= 1
                 return
-            key = self._waiting.popleft()  # this worker's place goes to the oldest waiting lane
-            queue = self._lanes[key]
+
+
+class _Parked(Generic[K, T]):
+    """An idle worker, waiting for the next new lane (set by :meth:`Lanes.put_nowait`)."""
+
+    __slots__ = ("event", "lane")
+    lane: tuple[K, deque[T]]  # set before the event
+
+    def __init__(self) -> None:
+        self.event = trio.Event()

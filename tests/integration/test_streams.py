@@ -254,7 +254,7 @@ async def test_waiting_reader_is_handed_appends_and_acks_go_out_batched(redis_se
         n.cancel_scope.cancel()
 
 
-async def test_group_every_item_skips_is_not_woken_and_acks_them_later(redis_server):
+async def test_group_every_item_skips_is_not_woken_and_the_append_acks_them(redis_server):
     async with open_redis(redis_server.url) as redis, trio.open_nursery() as n:
         link, stream = await _stream(redis)
         await n.start(link.run)
@@ -273,13 +273,21 @@ async def test_group_every_item_skips_is_not_woken_and_acks_them_later(redis_ser
         await trio.sleep(0.1)
         await stream.append([(f"s{i}".encode(), "") for i in range(5)], skips=[{"b"}] * 5)
         assert stream.skipped == {"b": 5}
+        # the append's own read for the waiting reader took them and acknowledged them
+        ((last, _),) = await redis.execute("XREVRANGE", "t:stream", "+", "-", "COUNT", 1)
+        groups = await redis.execute("XINFO", "GROUPS", "t:stream")
+        infos = [dict(zip(g[::2], g[1::2], strict=True)) for g in groups]
+        (info,) = [i for i in infos if i[b"name"] == b"b"]
+        assert info[b"last-delivered-id"] == last
+        assert info[b"pending"] == 1  # "x" only
         await trio.sleep(0.1)
         assert got == []
+        assert not arrived.is_set()
         await stream.append([(b"for-b", "")])
         with trio.fail_after(3):
             await arrived.wait()
         assert [i.data for i in got] == [b"for-b"]
-        await trio.sleep(0.6)  # the reader's poll read and acknowledged the skipped ones
+        await trio.sleep(0.6)
         pending = await redis.execute("XPENDING", "t:stream", "b")
         assert pending[0] == 2  # "x" and "for-b", not acked by this test; no skipped entry
         assert await stream.depth("a") == 7  # group a sees everything

@@ -333,6 +333,8 @@ def test_snapshot_shape() -> None:
     assert cota[1]["tipo_alarma"] == "ROJO"
     assert snap["funza"][0]["acuse"] == {"por": "+57******2233", "en": "1970-01-12T13:47:40.000Z"}
     json.dumps(snap)  # plain data
+    # the gauges' counts: the snapshot's unacknowledged alarms per empresa
+    assert book.open_counts() == {"": 1, "cota": 2}
 
 
 def test_invalid_after() -> None:

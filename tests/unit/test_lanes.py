@@ -204,3 +204,53 @@ async def test_max_workers_caps_tasks_and_waiting_lanes_go_in_arrival_order(
     assert stats.workers_started == 2  # the two workers were reused, never a third
     assert stats.waiting == 0
     assert stats.keys == 0
+
+
+def parking(keep_idle: int, max_workers: int | None = None) -> tuple[Recorder, Lanes[str, int]]:
+    """Lanes that keep idle workers parked, over a Recorder (1 virtual second per item)."""
+    rec = Recorder()
+    return rec, Lanes(rec, max_pending=100, max_workers=max_workers, keep_idle=keep_idle)
+
+
+async def test_idle_workers_stay_parked_and_take_the_next_new_lanes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec, lanes = parking(keep_idle=1)
+    async with running(lanes):
+        lanes.put_nowait("a", 0)
+        lanes.put_nowait("b", 0)
+        await trio.sleep(2)  # both done: one worker parks, the other (over keep_idle) ends
+        assert lanes.statistics().workers_started == 2
+        for i in range(3):  # a trickle over one key: the parked worker, every time
+            lanes.put_nowait("c", i)
+            await trio.sleep(2)
+        assert lanes.statistics().workers_started == 2
+        lanes.put_nowait("d", 0)  # takes the parked worker
+        lanes.put_nowait("d", 1)  # same lane, same worker, in order
+        lanes.put_nowait("e", 0)  # none parked now: a new task
+        while lanes.pending:  # noqa: ASYNC110 - observed from outside
+            await trio.sleep(0.5)
+        stats = lanes.statistics()
+    assert stats.workers_started == 3
+    assert stats.handled == 8
+    assert [i for k, i, _ in rec.done if k == "c"] == [0, 1, 2]
+    assert [i for k, i, _ in rec.done if k == "d"] == [0, 1]
+    assert rec.max_parallel_per_key == 1
+
+
+async def test_parked_workers_count_against_max_workers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    _, lanes = parking(keep_idle=2, max_workers=2)
+    async with running(lanes):
+        lanes.put_nowait("a", 0)
+        lanes.put_nowait("b", 0)
+        await trio.sleep(2)  # two parked workers, the cap
+        for key in ("c", "d", "e"):
+            lanes.put_nowait(key, 0)
+        stats = lanes.statistics()
+        assert (stats.workers_started, stats.waiting) == (2, 1)  # e waits for a worker
+        while lanes.pending:  # noqa: ASYNC110 - observed from outside
+            await trio.sleep(0.5)
+        stats = lanes.statistics()
+    assert (stats.workers_started, stats.handled, stats.waiting) == (2, 5, 0)

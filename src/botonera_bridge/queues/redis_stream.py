@@ -15,10 +15,12 @@ Guarantees:
 
 Cost per item at a steady rate (the bench's "CPU per message"): the append script
 also reads the new entries for every group whose reader is waiting (XREADGROUP
-inside the script: same consumer-group semantics, the entries go to our PEL), and
-hands them to those readers in memory; a reader polls Redis itself only when it may
-be behind (start, a full reader, a poll period without local appends, entries
-appended by another process). Acks are sent in batches ``ACK_DELAY`` later while
+inside the script: same consumer-group semantics, the entries go to our PEL),
+acknowledges there those the group skips (a message no WhatsApp contact needs costs
+the WhatsApp group no read, no ack and no wake-up of its reader), and hands the rest to
+those readers in memory; a reader polls Redis itself only when it may be behind
+(start, a full reader, a poll period without local appends, entries appended by
+another process). Acks are sent in batches ``ACK_DELAY`` later while
 :meth:`RedisStream.run_maintenance` runs (a crash in that window re-delivers those
 entries: at least once, as before). One round trip per appended batch instead of five.
 """
@@ -60,9 +62,11 @@ FINAL_ACKS_WAIT: Final = 2.0  # seconds the last acks get at shutdown
 # session's lease, see ha.py) and another replica's token is there (ARGV[2] is ours; an
 # absent lease, e.g. after a Redis restart, was taken by nobody); remember each item's
 # dedup key; skip a re-delivered item (key prefixed "?") whose key was already there;
-# append the rest; then read what is new for the groups whose reader waits.
+# append the rest; then read what is new for the groups whose reader waits, and
+# acknowledge at once what such a read got that its group skips (an entry's "s" field).
 # ARGV: ttl, fence token ("" without a fence), consumer, n, n x (group, count), then
-# (key, data, skip) per item. Returns {ids, reply of each XREADGROUP}.
+# (key, data, skip) per item. Returns {ids, then per group: its XREADGROUP reply without
+# the skipped entries, and how many entries it read}.
 _APPEND_LUA: Final = """
 if KEYS[2] then
   local holder = redis.call('GET', KEYS[2])
@@ -88,8 +92,32 @@ for i = 5 + 2 * ngroups, #ARGV, 3 do
 end
 local result = {out}
 for g = 0, ngroups - 1 do
-  result[#result + 1] = redis.pcall('XREADGROUP', 'GROUP', ARGV[5 + 2 * g], ARGV[3],
+  local group = ARGV[5 + 2 * g]
+  local reply = redis.pcall('XREADGROUP', 'GROUP', group, ARGV[3],
     'COUNT', ARGV[6 + 2 * g], 'STREAMS', KEYS[1], '>')
+  local n = 0
+  if type(reply) == 'table' and not reply.err and reply[1] then
+    local needle = ',' .. group .. ','
+    local keep, skipped = {}, {}
+    n = #reply[1][2]
+    for _, e in ipairs(reply[1][2]) do
+      local f, skip = e[2], false
+      if type(f) == 'table' then
+        for j = 1, #f - 1, 2 do
+          if f[j] == 's' then
+            skip = string.find(',' .. f[j + 1] .. ',', needle, 1, true) ~= nil
+          end
+        end
+      end
+      if skip then skipped[#skipped + 1] = e[1] else keep[#keep + 1] = e end
+    end
+    if #skipped > 0 then  -- pcall: an error must not fail the appends above
+      redis.pcall('XACK', KEYS[1], group, unpack(skipped))
+    end
+    reply[1][2] = keep
+  end
+  result[#result + 1] = reply
+  result[#result + 1] = n
 end
 return result
 """
@@ -160,11 +188,12 @@ class RedisStream:
         longer holds its token. ``read_through``: also read the new entries for the groups
         whose reader waits."""
         redis = self._redis()
-        # groups skipped by every item: not woken (their reader acks them on its next poll)
+        # groups skipped by every item: read too (the script acknowledges what they skip),
+        # but their reader keeps waiting unless the read got something for it
         unwanted = set(skips[0]).intersection(*skips[1:]) if skips and read_through else set()
         reads = [
-            (g, self._want[g]) for g in self.groups if read_through and self._groups_ready
-            and self._want[g] > 0 and g not in unwanted
+            (g, self._want[g]) for g in self.groups
+            if read_through and self._groups_ready and self._want[g] > 0
         ]  # fmt: skip
         for g in self.groups:  # new entries a reader will not get handed: it must look
             if not any(g == r for r, _ in reads):
@@ -179,20 +208,23 @@ class RedisStream:
         ]
         for g, want in reads:
             args += [g, want]
-            self._want[g] = 0  # taken: the reader waits for this script's answer
+            if g not in unwanted:
+                self._want[g] = 0  # taken: the reader waits for this script's answer
             self._pushing[g] += 1
         ok = False
         try:
             ids, *replies = await self._run_append(redis, keys, args, items, skips)
             if not isinstance(ids, list) or len(ids) != len(items):
                 raise RedisError(f"{self.key}: unexpected append script reply {ids!r:.200}")
-            for (g, want), reply in zip(reads, replies, strict=True):
+            if len(replies) != 2 * len(reads):
+                raise RedisError(f"{self.key}: unexpected append script reply {replies!r:.200}")
+            for (g, want), reply, nread in zip(reads, replies[::2], replies[1::2], strict=True):
                 if isinstance(reply, RedisReplyError):  # NOGROUP: the reader recreates it
                     self._behind[g] = True
                     continue
-                entries = stream_entries(reply)
-                if len(entries) >= want:
+                if nread >= want:
                     self._behind[g] = True  # maybe more there
+                entries = stream_entries(reply)
                 if entries:
                     self._pushed[g].extend(await self._accept(g, entries))
             ok = True
@@ -201,7 +233,8 @@ class RedisStream:
                 self._pushing[g] -= 1
                 if not ok:  # read or not, the reader finds out from Redis
                     self._behind[g] = True
-                self._arrived[g].set()
+                if g not in unwanted or self._behind[g] or self._pushed[g]:
+                    self._arrived[g].set()
         return ids
 
     async def _run_append(

@@ -117,10 +117,11 @@ class DurableStream:
         written ``"?key"`` marks a re-delivery, dropped (and reported safe) when the key was
         seen before. Only re-deliveries are checked: a panel that reuses an id after a reboot
         must never lose a fresh alarm. ``skips``: per item, the groups that must not see it.
-        A group skipped by every item of a batch is not even woken (its reader acknowledges
-        them on its next poll); how many items each group skipped is counted in
-        ``skipped``. Waits while the memory fallback is full. ``fence``: raise FencedError,
-        appending nothing, unless this replica still holds that session lease."""
+        A group skipped by every item of a batch is not even woken (on Redis the append
+        acknowledges them for it; in memory its reader does on its next poll); how many
+        items each group skipped is counted in ``skipped``. Waits while the memory
+        fallback is full. ``fence``: raise FencedError, appending nothing, unless this
+        replica still holds that session lease."""
         out: list[Receipt | None] = []
         fresh: list[tuple[bytes, str]] = []
         fresh_skips: list[Set[str]] = []

@@ -173,12 +173,11 @@ class StatusModel:
 
     def _open_alarm_gauges(self) -> None:
         """botonera_open_alarms{empresa_bucket}: bounded labels (configured empresas and
-        one shared bucket), from the board's own bounded snapshot."""
+        one shared bucket), from the board's own bounded counts."""
         configured = {e.id for e in self._settings().empresas}
         counts = dict.fromkeys([*configured, UNCONFIGURED], 0)
-        for empresa, alarms in self._book.snapshot().items():
-            bucket = empresa if empresa in configured else UNCONFIGURED
-            counts[bucket] += sum(1 for a in alarms if a["acuse"] is None)
+        for empresa, n in self._book.open_counts().items():
+            counts[empresa if empresa in configured else UNCONFIGURED] += n
         for bucket, n in counts.items():
             self._metrics.open_alarms.labels(empresa_bucket=bucket).set(n)
 

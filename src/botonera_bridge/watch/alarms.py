@@ -401,6 +401,16 @@ class AlarmBook:
                 out.setdefault(a.empresa, []).append(_public(a))
         return dict(sorted(out.items()))
 
+    def open_counts(self) -> dict[str, int]:
+        """Unacknowledged alarms on the board per empresa: what the gauges need, without
+        the snapshot's sorting and formatting of every alarm."""
+        self._prune(self.clock())
+        out: dict[str, int] = {}
+        for alarm in self._alarms.values():
+            if not alarm.acked:
+                out[alarm.empresa] = out.get(alarm.empresa, 0) + 1
+        return out
+
     def bucket_size(self, key: str) -> int:
         return len(self._buckets.get(key, {}))
 
