@@ -29,7 +29,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
-from typing import Final
 
 import trio
 
@@ -41,7 +40,7 @@ from .inbound.inbox import GROUP as INBOX_GROUP
 from .inbound.inbox import Inbox
 from .inbound.webhook import Webhook
 from .inbound.ws_receiver import receive
-from .intake.mqtt import MqttClient, MqttMessage, open_mqtt
+from .intake.mqtt import INTAKE_BUFFER, MqttClient, MqttMessage, open_mqtt
 from .intake.router import Router
 from .lifecycle import announce, freeze_startup_objects, shutdown_on_signal, supervise
 from .messages import Event
@@ -64,8 +63,6 @@ from .watch.receipts import Receipt, Timelines
 from .watch.watchdog import Watchdog, inventory
 
 log = logging.getLogger(__name__)
-
-INTAKE_BUFFER: Final = 512  # MQTT messages between reader and router
 
 
 @asynccontextmanager

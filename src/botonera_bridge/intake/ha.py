@@ -60,7 +60,7 @@ from ..queues.state import HashStore
 from ..queues.streams import DurableStream
 from ..watch.alarms import AlarmBook
 from ..watch.receipts import Timelines
-from .mqtt import MqttClient, MqttMessage, open_mqtt
+from .mqtt import INTAKE_BUFFER, MqttClient, MqttMessage, open_mqtt
 from .router import Router
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ MAX_ADOPTED: Final = 16  # sessions one replica adopts at most
 HANDBACK_DRAIN: Final = 5.0  # seconds to finish what an adopted session took, on hand-back
 RELEASE_TIMEOUT: Final = 2.0  # seconds for the release of a lease on the way out
 TAKEOVER_HOOK_TIMEOUT: Final = 30.0  # seconds to take over a dead replica's queued work
-INTAKE_BUFFER: Final = 512  # MQTT messages between an adopted session's reader and router
 
 # KEYS: lease, registry, want. ARGV: client_id, instance, lease_ms, reuse token.
 # Returns {1, token} when this replica holds its own lease, {0, current holder} otherwise

@@ -87,6 +87,7 @@ GOODBYE_TIMEOUT: Final = 5.0  # seconds for the offline status + DISCONNECT on c
 MISC_INTERVAL: Final = 1.0  # seconds between loop_misc() calls
 BUFFER_LIMIT: Final = 256  # messages read from the socket but not yet in the channel
 BUFFER_BYTES: Final = 4 << 20  # ... and their payload bytes
+INTAKE_BUFFER: Final = 512  # messages in the channel from a reader to its router
 READ_BATCH: Final = 64  # loop_read() calls per wake-up before yielding
 READ_SLICE: Final = 0.005  # seconds of reading per wake-up before yielding
 # A wake-up that read only a few messages (a steady trickle) waits this long before the
