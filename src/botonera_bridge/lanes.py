@@ -22,10 +22,10 @@ producer reads only what fits and the back-pressure reaches the stream it reads 
 :meth:`Lanes.put` waits. ``max_pending=None`` is for owners whose keys and items are
 bounded elsewhere (the WhatsApp sink: numbers come from the configuration).
 
-An item whose handler raises goes to ``on_error`` and its lane goes on with the next
-item. Without ``on_error`` the exception ends :meth:`Lanes.run`, every lane with it:
-for owners whose supervisor restarts them from a clean state (the backend sink, which
-then reads the unacknowledged entries again).
+A handler handles its own failures (the inbox dead-letters, the sinks retry): an
+exception that escapes it ends :meth:`Lanes.run`, every lane with it, and the owner's
+supervisor restarts it from a clean state (the backend sink then reads the
+unacknowledged entries again).
 
 State belongs to one run: :meth:`Lanes.run` starts empty and forgets everything when
 it ends (cancelled or crashed), so a restarted owner never feeds a lane nobody drains.
@@ -50,8 +50,7 @@ class LaneStatistics:
     keys: int  # lanes with an item queued or being handled
     pending: int  # items queued or being handled, over all lanes
     max_pending: int  # the bound; 0 when unbounded
-    handled: int  # items finished since the run started (failed ones included)
-    failed: int  # items whose handler raised (given to on_error)
+    handled: int  # items finished since the run started
     workers_started: int  # worker tasks started since the run started
     waiting: int = 0  # lanes with items waiting for a worker (max_workers reached)
 
@@ -64,7 +63,6 @@ class Lanes(Generic[K, T]):
         handle: Callable[[K, T], Awaitable[object]],
         *,
         max_pending: int | None,
-        on_error: Callable[[K, T, Exception], object] | None = None,
         max_workers: int | None = None,
         keep_idle: int = 0,
     ) -> None:
@@ -72,7 +70,6 @@ class Lanes(Generic[K, T]):
             raise ValueError("max_pending must be at least 1 (or None: unbounded)")
         self._handle = handle
         self._max = max_pending or 0
-        self._on_error = on_error
         self._max_workers = max_workers or 0
         self._workers = 0
         self._waiting: deque[K] = deque()  # keys with items and no worker yet
@@ -82,7 +79,7 @@ class Lanes(Generic[K, T]):
         self._lanes: dict[K, deque[T]] = {}
         self._pending = 0
         self._room = trio.Event()
-        self._handled = self._failed = self._started = 0
+        self._handled = self._started = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the lane workers until cancelled; an unhandled item error ends it."""
@@ -101,7 +98,7 @@ class Lanes(Generic[K, T]):
     def _reset(self) -> None:
         self._lanes = {}
         self._pending = 0
-        self._handled = self._failed = self._started = 0
+        self._handled = self._started = 0
         self._workers = 0
         self._waiting = deque()
         self._parked = deque()
@@ -159,7 +156,6 @@ class Lanes(Generic[K, T]):
             pending=self._pending,
             max_pending=self._max,
             handled=self._handled,
-            failed=self._failed,
             workers_started=self._started,
             waiting=len(self._waiting),
         )
@@ -172,13 +168,7 @@ class Lanes(Generic[K, T]):
             try:
                 while queue:
                     item = queue[0]  # stays queued while handled: counted as pending
-                    try:
-                        await handle(key, item)
-                    except Exception as exc:
-                        if self._on_error is None:
-                            raise
-                        self._failed += 1
-                        self._on_error(key, item, exc)
+                    await handle(key, item)
                     queue.popleft()
                     self._handled += 1
                     self._pending -= 1

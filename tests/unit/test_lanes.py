@@ -1,4 +1,4 @@
-"""Lanes: order per key, keys in parallel, bounded, failures isolated, clean per run."""
+"""Lanes: order per key, keys in parallel, bounded, a failure ends the run, clean per run."""
 
 from __future__ import annotations
 
@@ -103,32 +103,7 @@ async def test_bound_blocks_the_producer_until_room(
     assert [i for k, i, _ in rec.done if k == "a"] == [0, 1, 2, 3]
 
 
-async def test_a_failing_item_does_not_kill_its_lane(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    done: list[int] = []
-    errors: list[tuple[str, int, str]] = []
-
-    async def handle(key: str, item: int) -> None:
-        await trio.sleep(1)
-        if item == 1:
-            raise ValueError("bad item")
-        done.append(item)
-
-    lanes: Lanes[str, int] = Lanes(
-        handle, max_pending=10, on_error=lambda k, i, e: errors.append((k, i, str(e)))
-    )
-    async with running(lanes):
-        for i in range(3):
-            lanes.put_nowait("a", i)
-        await trio.sleep(10)
-        assert lanes.pending == 0
-        assert lanes.statistics().failed == 1
-    assert done == [0, 2]
-    assert errors == [("a", 1, "bad item")]
-
-
-async def test_without_on_error_a_failure_ends_the_run_and_leaves_no_state(
+async def test_a_failure_ends_the_run_and_leaves_no_state(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     started = 0
