@@ -21,7 +21,10 @@ class IdentifierError(ValueError):
 
 def fold(text: str) -> str:
     """Lower-case and strip accents: 'Tocancipá' -> 'tocancipa'."""
-    decomposed = unicodedata.normalize("NFKD", text.strip().lower())
+    text = text.strip().lower()
+    if text.isascii():  # NFKD leaves ASCII as it is: three per message skip the walk below
+        return text
+    decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
