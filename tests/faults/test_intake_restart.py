@@ -171,7 +171,7 @@ async def test_mqtt_reader_failure_reconnects_and_loses_nothing(mosquitto, make_
                 got = await read_texts(outbox, 3)
                 # "antes" may be acked twice (before the bug, and redelivered after it), so
                 # 3 acks may leave the last one to come: the router acks a message right
-                # after its append returns, and the intake reads in 20 ms lingers
+                # after its append returns
                 while mqtt.statistics().acked < 3:  # noqa: ASYNC110 - a test's poll
                     await trio.sleep(0.05)
                 await trio.sleep(0.5)

@@ -4,9 +4,8 @@ Only the blocking TCP/TLS connect runs in ``trio.to_thread``. Once connected,
 three tasks drive paho's "external event loop" API on the socket:
 
 * the reader waits ``trio.lowlevel.wait_readable(sock)`` and calls
-  ``loop_read()`` (one packet per call) while packets keep coming; after a wake-up
-  that read only a few messages it lingers ``INTAKE_LINGER`` so a steady trickle is
-  handled in batches (a burst is read on at once);
+  ``loop_read()`` (one packet per call) while packets keep coming; it never waits
+  for more to make a batch: whatever arrived meanwhile is batched, nothing is delayed;
 * the writer waits ``wait_writable`` while ``want_write()`` is true and calls
   ``loop_write()`` (paho also writes directly from ``ack()``/``publish()``; the
   writer only finishes what the kernel would not take at once);
@@ -90,17 +89,6 @@ BUFFER_BYTES: Final = 4 << 20  # ... and their payload bytes
 INTAKE_BUFFER: Final = 512  # messages in the channel from a reader to its router
 READ_BATCH: Final = 64  # loop_read() calls per wake-up before yielding
 READ_SLICE: Final = 0.005  # seconds of reading per wake-up before yielding
-# A wake-up that read only a few messages (a steady trickle) waits this long before the
-# next read, so the messages arriving meanwhile are decoded, appended and delivered in one
-# pass instead of one pass each: every wake-up costs about the same, whatever it carries.
-# Measured at 500 msg/s (bench/run.py --only steady): CPU/msg -23 % at 5 ms, -38 % at
-# 10 ms, -50 % at 20 ms; p50 latency +5, +12 and +25 ms. 20 ms with LINGER_BELOW 16
-# against 10 ms with 8 (A/B in one run, medians of 3): 663 -> 528 us/msg, p50 13.7 ->
-# 30.1 ms, p99 23 -> 42 ms; bursts unchanged (2,523 -> 2,672 msg/s). LINGER_BELOW is
-# above what 20 ms brings at 500 msg/s (~10), or every other wake-up would read on at
-# once. The first message after a quiet spell is read at once.
-INTAKE_LINGER: Final = 0.02  # seconds
-LINGER_BELOW: Final = 16  # messages per wake-up; more means a burst: read on at once
 MAX_INFLIGHT: Final = 20  # our own QoS>0 publishes awaiting PUBACK
 MAX_QUEUED: Final = 1000  # our publishes queued behind those; more raises MqttError
 
@@ -647,7 +635,6 @@ class MqttClient:
                 else:
                     await trio.lowlevel.wait_readable(sock)
                 slice_end = time.perf_counter() + READ_SLICE
-                first = self._received
                 for _ in range(READ_BATCH):
                     before = self._received
                     rc = client.loop_read()
@@ -657,8 +644,6 @@ class MqttClient:
                     if self._received == before or self._full() or time.perf_counter() > slice_end:
                         break
                 self._kick()
-                if 0 < self._received - first < LINGER_BELOW:
-                    await trio.sleep(INTAKE_LINGER)
         except trio.ClosedResourceError:
             return  # paho closed the socket; on_disconnect said why
 
