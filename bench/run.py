@@ -839,6 +839,40 @@ def only(mode: str, wanted: list[str], runs: int, baseline: str | None = None) -
     return 0
 
 
+def steady_alone(
+    results: dict[str, list[RunResult]],
+    nodered: Target | None,
+    sink: Sink,
+    runs: int,
+    say: Callable[[str], None],
+) -> None:
+    """The 500 msg/s phase on its own (no burst before it), Node-RED and the bridge
+    interleaved. In the main table the steady phase follows the 20,000 burst, which
+    Node-RED may still be digesting (its p99 then swings from milliseconds to seconds)."""
+    alone: dict[str, list[RunResult]] = {"bridge": []}
+    if nodered:
+        alone["nodered"] = []
+    for i in range(runs):
+        if nodered:
+            alone["nodered"].append(run_once(nodered, sink, 50 + i, steady_only=True))
+        alone["bridge"].append(run_once(bridge_target(), sink, 60 + i, steady_only=True))
+    say(f"500 msg/s on its own (no burst before it; runs interleaved, medians of {runs}):")
+    say()
+    say("| target | CPU µs/msg | p50 ms | p99 ms | max ms | lost | dup |")
+    say("|---|---:|---:|---:|---:|---:|---:|")
+    for name, rs in alone.items():
+        say(f"| {name} | {median_of(rs, 'cpu_steady_us'):.0f} | {median_of(rs, 'p50'):.2f} | "
+            f"{median_of(rs, 'p99'):.2f} | {median_of(rs, 'max'):.1f} | "
+            f"{sum(r.lost for r in rs)} | {sum(r.duplicates for r in rs)} |")
+    say()
+    if nodered:
+        cpu = ratio_of(alone["bridge"], alone["nodered"], "cpu_steady_us")
+        p99 = ratio_of(alone["bridge"], alone["nodered"], "p99")
+        say(f"Bridge/Node-RED, steady on its own: CPU {cpu:.2f}× (target ≤ 0.4×), p99 "
+            f"{p99:.2f}× (target ≤ 0.5×).")
+        say()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -982,6 +1016,8 @@ def main() -> int:
                 f"{sum(r.lost for r in wide)}, dup {sum(r.duplicates for r in wide)} "
                 f"(default window: {median_of(results['bridge'], 'throughput'):,.0f} msg/s).")
             say()
+            steady_alone(results, all_targets["nodered"] if "nodered" in results else None,
+                         sink, args.runs, say)
         say("Throughput = 20,000 / (last POST at the sink − first alarm published). CPU = the "
             "target process's user+sys time (psutil) from the first publish to the last POST, "
             "/ N (at 500 msg/s this includes the idle cost of 20 s). Latency = sink receive "
