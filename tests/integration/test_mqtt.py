@@ -28,11 +28,13 @@ from botonera_bridge.config import MqttSettings
 from botonera_bridge.errors import MqttError
 from botonera_bridge.health import Health
 from botonera_bridge.intake.mqtt import (
+    BUFFER_BYTES,
     BUFFER_LIMIT,
     READ_BATCH,
     STATUS_TOPIC,
     MqttClient,
     MqttMessage,
+    MqttStatistics,
     open_mqtt,
 )
 from botonera_bridge.metrics import Metrics
@@ -397,25 +399,43 @@ async def test_publish_waits_for_puback(mqtt_broker: Mosquitto) -> None:
                 n.cancel_scope.cancel()
 
 
-async def test_full_channel_stops_reading_the_socket(mqtt_broker: Mosquitto) -> None:
-    """QoS 0 (no broker in-flight window to help): an unread channel of size 1
-    bounds what the client holds; the rest waits in TCP buffers and the broker."""
+async def _publish_unread(broker: Mosquitto, payloads: list[bytes], **kw: object) -> MqttStatistics:
+    """Publish ``payloads`` at QoS 0 (no broker in-flight window to help) to a client whose
+    channel (size 1) nobody reads; return its statistics once it stopped reading, after
+    checking that everything still arrives, in order, once the channel is read."""
     topic = _uid("empresas")
-    s = _settings(mqtt_broker, topic, client_id=_uid("bridge"))
-    payloads = [b"%05d" % i + b"." * 1000 for i in range(5000)]
-    limit = BUFFER_LIMIT + READ_BATCH + 2
+    s = _settings(broker, topic, client_id=_uid("bridge"), **kw)
     with trio.fail_after(60):
         async with open_mqtt(s) as client:
             send, recv = trio.open_memory_channel[MqttMessage](1)
             async with trio.open_nursery() as n, recv:
                 await n.start(client.run, send)
-                await trio.to_thread.run_sync(publish_many, mqtt_broker.port, topic, payloads, 0)
+                await trio.to_thread.run_sync(publish_many, broker.port, topic, payloads, 0)
                 await trio.sleep(1.0)
                 stats = client.statistics()
-                assert stats.buffered <= BUFFER_LIMIT + READ_BATCH
-                assert stats.received <= limit, stats
                 assert client.connected
                 got = [await recv.receive() for _ in payloads]  # now read: everything comes
                 assert [m.payload for m in got] == payloads
                 assert client.statistics().buffered == 0
                 n.cancel_scope.cancel()
+    return stats
+
+
+async def test_full_channel_stops_reading_the_socket(mqtt_broker: Mosquitto) -> None:
+    """An unread channel bounds what the client holds (BUFFER_LIMIT messages); the rest
+    waits in TCP buffers and the broker."""
+    stats = await _publish_unread(mqtt_broker, [b"%05d" % i + b"." * 1000 for i in range(5000)])
+    assert stats.buffered <= BUFFER_LIMIT + READ_BATCH, stats
+    assert stats.received <= BUFFER_LIMIT + READ_BATCH + 2, stats
+
+
+async def test_payload_bytes_stop_reading_before_the_message_count(mqtt_broker: Mosquitto) -> None:
+    """Large payloads: the byte bound (BUFFER_BYTES) stops the reader long before the
+    message bound (BUFFER_LIMIT)."""
+    size = 100 * 1024
+    payloads = [b"%05d" % i + b"." * (size - 5) for i in range(120)]  # 12 MiB
+    stats = await _publish_unread(mqtt_broker, payloads, max_payload=2 * size)
+    # held: the buffer up to the byte bound plus the one that crossed it, one in the
+    # channel, one taken by the task waiting to put it there
+    assert (stats.buffered - 1) * size < BUFFER_BYTES, stats
+    assert stats.received <= BUFFER_BYTES // size + 4 < BUFFER_LIMIT, stats
