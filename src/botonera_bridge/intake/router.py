@@ -23,6 +23,7 @@ import trio
 from prometheus_client import Counter
 
 from ..backoff import delays
+from ..channels import queued_behind
 from ..config import Settings
 from ..errors import FencedError, InvalidMessage
 from ..messages import Event, Heartbeat, Message
@@ -89,12 +90,7 @@ class Router:
             task_status.started()
             async with recv, ack_send:
                 async for first in recv:
-                    batch = [first]
-                    while len(batch) < BATCH:
-                        try:
-                            batch.append(recv.receive_nowait())
-                        except trio.WouldBlock:
-                            break
+                    batch = queued_behind(first, recv, BATCH)
                     try:
                         pairs = await self.process(batch)
                     except FencedError as exc:
@@ -164,8 +160,8 @@ class Router:
     ) -> list[Receipt]:
         """The outbox append, retried in place on an unexpected failure (see the module
         docstring). A fenced session is not retried: the caller drops the batch."""
-        if not items:
-            return await self.outbox.append(items, fence=self.fence)
+        if not items:  # heartbeats or rejects only: nothing to append
+            return []
         receipts = await self._try_append(items, f"batch of {len(items)}")
         if receipts is not None:
             return receipts

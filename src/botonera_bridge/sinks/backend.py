@@ -21,6 +21,7 @@ import trio
 
 from .. import USER_AGENT
 from ..backoff import delays
+from ..channels import queued_behind
 from ..config import BackendSettings
 from ..errors import PermanentDelivery, TransientDelivery
 from ..lanes import Lanes, LaneStatistics
@@ -175,12 +176,7 @@ class BackendSink:
     ) -> None:
         async with recv:
             async for first in recv:
-                batch = [first]
-                while len(batch) < ACK_BATCH:
-                    try:
-                        batch.append(recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                batch = queued_behind(first, recv, ACK_BATCH)
                 for outcome in ("ok", "skipped"):
                     done = [e for e, o in batch if o == outcome]
                     if done:
